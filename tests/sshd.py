@@ -1,0 +1,140 @@
+"""Real OpenSSH servers on loopback ports, standing in for GPU hosts in the tests.
+
+Each ``TestHost`` runs its own ``sshd`` with its own host key; all of them accept one client key.
+``known_hosts`` lists every started host, so clients can (and must) check host keys strictly.
+Used by the fixtures in ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def keygen(path: Path) -> str:
+    """Make an ed25519 key pair at ``path``; return the public key line."""
+    subprocess.run(
+        [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "test", "-f", str(path)], check=True
+    )
+    return path.with_suffix(".pub").read_text().strip()
+
+
+@dataclass
+class ClientKeys:
+    """The one client key every test host accepts, and the known_hosts file for them."""
+
+    dir: Path
+    key_file: Path = field(init=False)
+    public: str = field(init=False)
+    known_hosts: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.key_file = self.dir / "id_ed25519"
+        self.public = keygen(self.key_file)
+        self.known_hosts = self.dir / "known_hosts"
+        self.known_hosts.write_text("")
+        self.authorized_keys = self.dir / "authorized_keys"
+        self.authorized_keys.write_text(self.public + "\n")
+
+
+@dataclass
+class TestHost:
+    """One sshd on 127.0.0.1:``port`` with a host key of its own."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    dir: Path
+    keys: ClientKeys
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    def __post_init__(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.host_key = self.dir / "ssh_host_ed25519_key"
+        pub = keygen(self.host_key).split()
+        self.host_key_line = f"{pub[0]} {pub[1]}"
+        self.port = self.port or free_port()
+        self.user = getpass.getuser()
+
+    @property
+    def known_hosts_line(self) -> str:
+        return f"[127.0.0.1]:{self.port} {self.host_key_line}"
+
+    def _write_config(self) -> Path:
+        config = self.dir / "sshd_config"
+        config.write_text(
+            "\n".join(
+                [
+                    f"Port {self.port}",
+                    "ListenAddress 127.0.0.1",
+                    f"HostKey {self.host_key}",
+                    f"PidFile {self.dir / 'sshd.pid'}",
+                    f"AuthorizedKeysFile {self.keys.authorized_keys}",
+                    "PubkeyAuthentication yes",
+                    "PasswordAuthentication no",
+                    "KbdInteractiveAuthentication no",
+                    "UsePAM no",
+                    "StrictModes no",
+                    "PermitRootLogin prohibit-password",
+                    f"AllowUsers {self.user}",
+                    "MaxSessions 64",
+                    "MaxStartups 64",
+                    "LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+        return config
+
+    def start(self) -> None:
+        """Start sshd (again, after ``stop``) and wait until it accepts connections."""
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        config = self._write_config()
+        log = open(self.dir / "sshd.log", "ab")  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log, stdout=log)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"sshd on port {self.port} did not start")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(5)
+        self.proc = None
+
+
+def start_hosts(base: Path, keys: ClientKeys, names: list[str]) -> list[TestHost]:
+    """Start one sshd per name and add each host key to ``keys.known_hosts``."""
+    hosts = []
+    for name in names:
+        host = TestHost(name=name, dir=base / name, keys=keys)
+        host.start()
+        hosts.append(host)
+    with keys.known_hosts.open("a") as f:
+        for host in hosts:
+            f.write(host.known_hosts_line + "\n")
+    return hosts

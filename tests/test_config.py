@@ -1,0 +1,369 @@
+"""The broker config: examples load, each bad input is reported on its line, durations parse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from broker.config import Config, load_config, parse_config
+from broker.durations import format_duration, parse_duration
+from broker.errors import ConfigError, ConfigIssue
+from broker.toml_check import LineIndex
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+GOOD = """\
+[server]
+listen = "127.0.0.1:9000"
+
+[policy]
+heartbeat_interval = "10s"
+heartbeat_timeout = "1m"
+
+[[hosts]]
+name = "gpu1"
+address = "gpu1.example.org"
+
+  [[hosts.slots]]
+  kind = "a100"
+  device = "0"
+
+[[hosts]]
+name = "gpu2"
+address = "local"
+
+  [[hosts.slots]]
+  kind = "sim"
+  device = "0"
+  simulated = true
+
+  [[hosts.slots]]
+  kind = "a100"
+  device = "1"
+"""
+
+
+def issues_of(text: str) -> list[ConfigIssue]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, "lab.toml")
+    return info.value.issues
+
+
+def only_issue(text: str) -> ConfigIssue:
+    issues = issues_of(text)
+    assert len(issues) == 1, issues
+    return issues[0]
+
+
+def line_of(text: str, needle: str, nth: int = 0) -> int:
+    """1-based line of the nth line containing needle, so tests do not hard-code numbers."""
+    found = [i for i, line in enumerate(text.splitlines(), 1) if needle in line]
+    return found[nth]
+
+
+# --- examples ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["lab-one-host", "multi-host-mig", "local-simulated"])
+def test_each_example_loads(name: str) -> None:
+    config = load_config(EXAMPLES / f"{name}.toml")
+    assert isinstance(config, Config) and config.hosts and config.slots
+    assert config.server.database.parent == EXAMPLES or config.server.database.is_absolute()
+
+
+def test_examples_have_the_promised_shape() -> None:
+    lab = load_config(EXAMPLES / "lab-one-host.toml")
+    assert [s.device for s in lab.slots] == ["0", "1"] and not lab.hosts[0].is_local
+    mig = load_config(EXAMPLES / "multi-host-mig.toml")
+    assert len(mig.hosts) == 3
+    kinds = {s.kind for s in mig.slots if s.device.startswith("MIG-")}
+    assert kinds == {"mig-1g.10gb"}
+    assert {s.kind for s in mig.slots if not s.device.startswith("MIG-")} == {"a100"}
+    local = load_config(EXAMPLES / "local-simulated.toml")
+    assert local.hosts[0].is_local and local.hosts[0].known_hosts is None
+    assert [(s.id, s.kind, s.device, s.simulated) for s in local.slots] == [
+        ("local/0", "sim", "0", True),
+        ("local/1", "sim", "1", True),
+    ]
+
+
+def test_no_classroom_example_yet() -> None:
+    assert not (EXAMPLES / "classroom.toml").exists()
+
+
+# --- a good config ----------------------------------------------------------------------------
+
+
+def test_good_config_values_and_lookups(tmp_path: Path) -> None:
+    path = tmp_path / "conf" / "broker.toml"
+    path.parent.mkdir()
+    path.write_text(GOOD)
+    config = load_config(path)
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 9000)
+    assert config.server.database == path.parent / "broker.sqlite"
+    assert config.policy.heartbeat_timeout == 60.0 and config.policy.queue_timeout == 600.0
+    assert [s.id for s in config.slots] == ["gpu1/0", "gpu2/0", "gpu2/1"]
+    assert config.slot("gpu2/0").simulated and not config.slot("gpu2/1").simulated
+    assert config.host("gpu2").is_local and config.host("gpu2").known_hosts is None
+    assert config.host("gpu1").known_hosts == "~/.ssh/known_hosts"
+    with pytest.raises(KeyError):
+        config.host("gpu9")
+    with pytest.raises(KeyError):
+        config.slot("gpu1/7")
+
+
+def test_user_and_key_templates() -> None:
+    text = GOOD.replace(
+        'address = "gpu1.example.org"',
+        'address = "gpu1.example.org"\nuser = "u-{username}"\nkey_file = "~/keys/{username}"',
+    )
+    host = parse_config(text).host("gpu1")
+    assert host.ssh_user("ana") == "u-ana"
+    assert host.key_path("ana") == str(Path.home() / "keys" / "ana")
+    assert parse_config(GOOD).host("gpu1").key_path("ana") is None
+    assert parse_config(GOOD).host("gpu1").ssh_user("ana") == "ana"
+
+
+def test_templates_allow_only_username() -> None:
+    text = GOOD.replace('address = "local"', 'address = "local"\nuser = "{user}"')
+    issue = only_issue(text)
+    assert issue.key == "hosts[1].user" and issue.line == line_of(text, "{user}")
+    assert "only {username}" in issue.message
+
+
+def test_server_host_and_port_form_and_database_paths() -> None:
+    text = GOOD.replace(
+        'listen = "127.0.0.1:9000"', 'host = "0.0.0.0"\nport = 8800\ndatabase = "/srv/b.sqlite"'
+    )
+    server = parse_config(text, "/etc/gpu/broker.toml").server
+    assert (server.host, server.port, server.database) == ("0.0.0.0", 8800, Path("/srv/b.sqlite"))
+    relative = parse_config(
+        GOOD.replace("[policy]", 'database = "db/x.sqlite"\n[policy]'), "/e/b.toml"
+    )
+    assert relative.server.database == Path("/e/db/x.sqlite")
+    ipv6 = parse_config(GOOD.replace("127.0.0.1:9000", "[::1]:9001")).server
+    assert (ipv6.host, ipv6.port) == ("::1", 9001)
+
+
+# --- bad input: one problem each, right line, right key, a message that says the fix ----------
+
+
+def test_toml_syntax_error_has_its_line() -> None:
+    text = GOOD.replace('kind = "a100"', "kind = a100", 1)
+    issue = only_issue(text)
+    assert issue.line == line_of(text, "kind = a100")
+    assert "TOML syntax error" in issue.message and issue.file == "lab.toml"
+    assert str(issue).startswith(f"lab.toml:{issue.line}: TOML syntax error")
+
+
+def test_unknown_key_suggests_the_right_one() -> None:
+    text = GOOD.replace('device = "1"', 'devce = "1"')
+    issues = issues_of(text)
+    unknown = [i for i in issues if "unknown key" in i.message]
+    assert len(unknown) == 1
+    assert unknown[0].key == "hosts[1].slots[1].devce"
+    assert unknown[0].line == line_of(text, "devce")
+    assert "did you mean 'device'?" in unknown[0].message
+    # the missing device is reported too, at the slot's header
+    missing = [i for i in issues if "missing device" in i.message]
+    assert missing and missing[0].line == line_of(text, "[[hosts.slots]]", 2)
+
+
+def test_wrong_type_names_expected_and_got() -> None:
+    text = GOOD.replace('address = "local"', 'address = "local"\nport = "22"')
+    issue = only_issue(text)
+    assert issue.key == "hosts[1].port" and issue.line == line_of(text, 'port = "22"')
+    assert "must be an integer" in issue.message and "'22'" in issue.message
+
+
+def test_bad_duration_says_the_accepted_forms() -> None:
+    text = GOOD.replace('heartbeat_timeout = "1m"', 'heartbeat_timeout = "1 minute"')
+    issue = only_issue(text)
+    assert issue.key == "policy.heartbeat_timeout"
+    assert issue.line == line_of(text, "heartbeat_timeout")
+    assert "15m" in issue.message and "units" in issue.message
+
+
+def test_heartbeat_timeout_must_exceed_twice_interval() -> None:
+    text = GOOD.replace('heartbeat_timeout = "1m"', 'heartbeat_timeout = "20s"')
+    issue = only_issue(text)
+    assert issue.key == "policy.heartbeat_timeout" and issue.line == line_of(text, "20s")
+    assert "raise heartbeat_timeout above 20s" in issue.message
+
+
+def test_bad_names_and_kinds() -> None:
+    text = GOOD.replace('name = "gpu2"', 'name = "gpu 2"').replace('kind = "sim"', 'kind = "s!m"')
+    issues = issues_of(text)
+    assert [(i.key, i.line) for i in issues] == [
+        ("hosts[1].name", line_of(text, "gpu 2")),
+        ("hosts[1].slots[0].kind", line_of(text, "s!m")),
+    ]
+    assert all("letters, digits" in i.message for i in issues)
+
+
+def test_duplicate_host_name_points_at_the_second() -> None:
+    text = GOOD.replace('name = "gpu2"', 'name = "gpu1"')
+    issues = issues_of(text)
+    dup = [i for i in issues if "duplicate host name" in i.message]
+    assert len(dup) == 1 and dup[0].key == "hosts[1].name"
+    assert dup[0].line == line_of(text, 'name = "gpu1"', 1) and "hosts[0]" in dup[0].message
+
+
+def test_duplicate_slot_id() -> None:
+    text = GOOD.replace('device = "1"', 'device = "1"\n  id = "gpu1/0"')
+    issue = only_issue(text)
+    assert issue.key == "hosts[1].slots[1].id" and issue.line == line_of(text, 'id = "gpu1/0"')
+    assert "hosts[0].slots[0]" in issue.message and "unique id" in issue.message
+
+
+@pytest.mark.parametrize("listen, port", [(None, "70000"), (None, "-1"), ("127.0.0.1:99999", None)])
+def test_port_out_of_range(listen: str | None, port: str | None) -> None:
+    if port is not None:
+        text = GOOD.replace('address = "gpu1.example.org"', f"address = 'x'\nport = {port}")
+        issue = only_issue(text)
+        assert issue.key == "hosts[0].port" and issue.line == line_of(text, f"port = {port}")
+        assert "1..65535" in issue.message
+    else:
+        text = GOOD.replace("127.0.0.1:9000", str(listen))
+        issue = only_issue(text)
+        assert issue.key == "server.listen" and issue.line == 2
+        assert "HOST:PORT" in issue.message
+
+
+def test_host_without_slots_points_at_the_host() -> None:
+    text = GOOD.split('[[hosts]]\nname = "gpu2"')[0]
+    text = text.replace('  [[hosts.slots]]\n  kind = "a100"\n  device = "0"\n', "")
+    issue = only_issue(text)
+    assert issue.key == "hosts[0]" and issue.line == line_of(text, "[[hosts]]")
+    assert "add a [[hosts.slots]]" in issue.message
+
+
+def test_real_slot_device_must_be_index_or_uuid() -> None:
+    text = GOOD.replace('device = "1"', 'device = "cuda:1"')
+    issue = only_issue(text)
+    assert issue.key == "hosts[1].slots[1].device" and issue.line == line_of(text, "cuda:1")
+    assert "GPU-<uuid>" in issue.message and "simulated = true" in issue.message
+    # the same device on a simulated slot is fine
+    assert parse_config(GOOD.replace('device = "0"\n  simulated', 'device = "cuda:1"\n  simulated'))
+
+
+def test_count_needs_simulated() -> None:
+    text = GOOD.replace('kind = "a100"\n  device = "0"', 'kind = "a100"\n  count = 3')
+    issue = only_issue(text)
+    assert issue.key == "hosts[0].slots[0].count" and issue.line == line_of(text, "count = 3")
+    assert "simulated = true" in issue.message
+
+
+def test_no_hosts_and_missing_file(tmp_path: Path) -> None:
+    issue = only_issue('[server]\nlisten = "127.0.0.1:1"\n')
+    assert issue.key == "hosts" and issue.line is None and "[[hosts]]" in issue.message
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "nope.toml")
+    assert "cannot read" in str(info.value) and "nope.toml" in str(info.value)
+
+
+# --- many problems at once --------------------------------------------------------------------
+
+
+def test_every_problem_is_reported_in_file_order() -> None:
+    policy = '[policy]\nheartbeat_interval = "10s"\nheartbeat_timeout = "1m"\n'
+    text = (
+        GOOD.replace(policy, "")  # [policy] moves to the end: issues still come in file order
+        .replace('listen = "127.0.0.1:9000"', 'lisen = "127.0.0.1:9000"')
+        .replace('name = "gpu2"', 'name = "gpu1"')
+        .replace('device = "1"', 'device = "one"')
+    )
+    text += policy.replace('"10s"', '"-3s"')
+    issues = issues_of(text)
+    assert [i.key for i in issues] == [
+        "server.lisen",
+        "hosts[1].name",
+        "hosts[1].slots[1].device",
+        "policy.heartbeat_interval",
+    ]
+    assert [i.line for i in issues] == sorted(i.line for i in issues if i.line is not None)
+    error = ConfigError(issues)
+    shown = str(error)
+    assert shown.startswith("4 problems in the broker config:")
+    assert all(str(i) in shown for i in issues) and "hint: " in shown
+
+
+def test_issue_str_omits_missing_line() -> None:
+    assert str(ConfigIssue("a.toml", None, "hosts", "add one")) == "a.toml: hosts: add one"
+    assert str(ConfigIssue("a.toml", 3, "x.y", "fix")) == "a.toml:3: x.y: fix"
+
+
+# --- the line locator -------------------------------------------------------------------------
+
+
+def test_line_index_counts_array_headers_and_skips_multiline_values() -> None:
+    text = (
+        '[[hosts]]\nname = "a"\nnote = """\n[[hosts]]\nname = "fake"\n"""\n'
+        'tags = [\n  "x",\n  ["y"]\n]\n  [[hosts.slots]]\n  kind = "k"\n'
+        '[[hosts]]\nname = "b"\n  [[hosts.slots]]\n  [[hosts.slots]] # two\n  kind = "z"\n'
+        "inline = { a = 1 }\n"
+    )
+    index = LineIndex(text)
+    assert index.line_of(("hosts", 0, "name")) == 2
+    assert index.line_of(("hosts", 0, "slots", 0, "kind")) == 12
+    assert index.line_of(("hosts", 1, "name")) == 14
+    assert index.line_of(("hosts", 1, "slots", 1, "kind")) == 17
+    assert index.line_of(("hosts", 1, "slots", 1, "inline", "a")) == 18
+    assert index.line_of(("hosts", 1, "slots", 0, "nothing")) == 15
+    assert index.line_of(("policy", "x")) is None
+    assert index.line_of(("y",)) is None  # '["y"]' inside the array is no table header
+
+
+# --- durations --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("90s", 90),
+        ("15m", 900),
+        ("2h", 7200),
+        ("1d", 86400),
+        ("1h30m", 5400),
+        ("250ms", 0.25),
+        ("90", 90),
+        (45, 45),
+        (1.5, 1.5),
+        ("1.5h", 5400),
+        (" 2m 5s ", 125),
+    ],
+)
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ("", "empty"),
+        ("-5s", "negative"),
+        (-1, "negative"),
+        ("5x", "units"),
+        ("m5", "units"),
+        ("30s1m", "largest first"),
+        ("1h1h", "largest first"),
+        (True, "expected a duration"),
+    ],
+)
+def test_parse_duration_rejects(bad: object, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        parse_duration(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(90, "1m30s"), (3600, "1h"), (0, "0s"), (0.25, "250ms"), (90061.5, "1d1h1m1s500ms")],
+)
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@pytest.mark.parametrize("seconds", [0.001, 1, 59.999, 61, 3599, 86400 * 3 + 7, 123456.789])
+def test_durations_round_trip(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)

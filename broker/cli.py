@@ -1,0 +1,257 @@
+"""``gpu-broker``: serve, check a config, show the pool, manage tokens.
+
+Every user mistake (bad config path, broker down, bad token) prints one clear message to stderr
+and exits 1; never a traceback. Usage errors exit 2 (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.durations import format_duration
+from gpu_kernel.errors import SharedGPUError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except SharedGPUError as exc:
+        print(f"gpu-broker: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gpu-broker", description="Shared GPU broker")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the broker")
+    serve.add_argument("--config", required=True, metavar="FILE")
+    serve.add_argument("--tick", type=float, default=1.0, help=argparse.SUPPRESS)
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="check a config file")
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(func=cmd_check_config)
+
+    status = sub.add_parser("status", help="show slots and leases")
+    status.add_argument("--json", action="store_true", help="print the raw JSON")
+    status.add_argument("--url", help="broker URL (default: from --config)")
+    status.add_argument("--config", metavar="FILE", help="config file, for the URL")
+    status.set_defaults(func=cmd_status)
+
+    token = sub.add_parser("token", help="create, list, revoke API tokens")
+    tsub = token.add_subparsers(metavar="ACTION")
+    create = tsub.add_parser("create", help="create a token (printed once)")
+    create.add_argument("--config", required=True, metavar="FILE")
+    create.add_argument("--user", required=True)
+    create.add_argument("--role", choices=("user", "admin"), default="user")
+    create.add_argument("--output", metavar="FILE", help="write the token here (mode 0600)")
+    create.set_defaults(func=cmd_token_create)
+    listing = tsub.add_parser("list", help="list tokens (ids and prefixes, never the tokens)")
+    listing.add_argument("--config", required=True, metavar="FILE")
+    listing.set_defaults(func=cmd_token_list)
+    revoke = tsub.add_parser("revoke", help="revoke a token by id or prefix")
+    revoke.add_argument("--config", required=True, metavar="FILE")
+    revoke.add_argument("token", metavar="TOKEN_PREFIX_OR_ID")
+    revoke.set_defaults(func=cmd_token_revoke)
+    return parser
+
+
+def _load(path: str) -> Any:
+    from broker.config import load_config
+
+    return load_config(path)
+
+
+def _store(config_path: str) -> Any:
+    from broker.store import Store
+
+    return Store(_load(config_path).server.database)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from broker.server import serve
+
+    config = _load(args.config)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        serve(config, tick_interval=args.tick)
+    except OSError as exc:
+        where = f"{config.server.host}:{config.server.port}"
+        print(
+            f"gpu-broker: cannot listen on {where}: {exc.strerror or exc}\n"
+            "  hint: another broker may be running; change [server] port in the config",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from broker.errors import ConfigError
+
+    try:
+        config = _load(args.file)
+    except ConfigError as exc:
+        for issue in exc.issues:
+            print(issue)
+        return 1
+    print(f"{args.file}: OK, {len(config.hosts)} hosts, {len(config.slots)} slots")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from broker.client import BrokerClient, read_token
+
+    if args.url:
+        url = args.url
+    elif args.config:
+        server = _load(args.config).server
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        url = f"http://{host}:{server.port}"
+    else:
+        url = os.environ.get("SHARED_GPU_BROKER_URL", "http://127.0.0.1:8765")
+    token, source = read_token()
+    with BrokerClient(url, token, token_source=source) as client:
+        status = client.status()
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The status table: one row per slot, then the queue."""
+    now = float(status.get("now") or time.time())
+    rows = [("HOST", "SLOT", "KIND", "DEVICE", "STATE", "USER", "LEASE AGE", "IDLE FOR")]
+    for slot in status.get("slots", []):
+        lease = slot.get("lease") or {}
+        user = lease.get("user") or ("(other)" if lease else "-")
+        age = _age(now, lease.get("granted_at"))
+        if not lease:
+            idle = "-"
+        elif lease.get("busy"):
+            idle = "busy"
+        else:
+            idle = _age(now, lease.get("last_activity") or lease.get("granted_at"))
+        rows.append(
+            (
+                str(slot.get("host")),
+                str(slot.get("id")),
+                str(slot.get("kind")),
+                str(slot.get("device")),
+                str(slot.get("state")),
+                user,
+                age,
+                idle,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+    queue = status.get("queue", [])
+    lines.append("")
+    lines.append(f"queue: {len(queue)} waiting")
+    for entry in queue:
+        who = entry.get("user") or "(other)"
+        waited = _age(now, entry.get("created_at"))
+        lines.append(f"  {entry.get('position')}. {who} wants {entry.get('kind')} ({waited})")
+    return "\n".join(lines)
+
+
+def _age(now: float, since: float | None) -> str:
+    if since is None:
+        return "-"
+    return format_duration(max(0, round(now - since)))
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from broker.auth import create_token
+
+    store = _store(args.config)
+    try:
+        token, row = create_token(store, args.user, args.role)
+    finally:
+        store.close()
+    if args.output:
+        _write_private(Path(args.output).expanduser(), token + "\n")
+        print(
+            f"token {row.id} ({row.prefix}...) for {row.user} ({row.role}) written to "
+            f"{args.output} (mode 0600)"
+        )
+    else:
+        print(token)
+        print(
+            f"token {row.id} for {row.user} ({row.role}): shown once, keep it in "
+            "$SHARED_GPU_TOKEN or ~/.config/jupyter-shared-gpu/token (chmod 600)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from broker.auth import list_tokens
+
+    store = _store(args.config)
+    try:
+        rows = list_tokens(store)
+    finally:
+        store.close()
+    table = [("ID", "PREFIX", "USER", "ROLE", "CREATED", "REVOKED")]
+    for row in rows:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(row.created_at))
+        revoked = "yes" if row.revoked else "no"
+        table.append((row.id, row.prefix + "...", row.user, row.role, created, revoked))
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from broker.auth import revoke_token
+
+    store = _store(args.config)
+    try:
+        row = revoke_token(store, args.token)
+    finally:
+        store.close()
+    print(f"revoked token {row.id} ({row.prefix}...) of {row.user}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""A synchronous client for the broker's HTTP API v1 (stdlib ``http.client``, keep-alive).
+
+The provisioner (in the Jupyter server) and ``gpu-broker status`` use it:
+
+    token, source = read_token()
+    client = BrokerClient("http://127.0.0.1:8765", token, token_source=source)
+    lease = client.request_lease("any", kernel_id)
+    while lease.state == "queued":
+        lease = client.get_lease(lease.id, wait=30)   # long-poll: returns when it changes
+
+Replies become dataclasses (``Lease``, ``SlotInfo``, ``HostInfo``, ``HeartbeatReply``); unknown
+JSON fields are ignored so a newer broker does not break an older client. Errors are
+``BrokerUnreachable``, ``BrokerAuthError`` and ``BrokerRequestError``, all ``BrokerError``s
+whose ``str()`` is fit to show a user. One client is not thread-safe: give each thread its own.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import stat
+import urllib.parse
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from broker.errors import BrokerAuthError, BrokerError, BrokerRequestError, BrokerUnreachable
+
+__all__ = [
+    "BrokerAuthError",
+    "BrokerClient",
+    "BrokerError",
+    "BrokerRequestError",
+    "BrokerUnreachable",
+    "HeartbeatReply",
+    "HostInfo",
+    "Lease",
+    "SlotInfo",
+    "read_token",
+]
+
+TOKEN_ENV = "SHARED_GPU_TOKEN"
+DEFAULT_TOKEN_FILE = Path("~/.config/jupyter-shared-gpu/token")
+
+
+def _pick(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in fields(cls)}
+    return {key: value for key, value in data.items() if key in names}
+
+
+@dataclass(frozen=True)
+class SlotInfo:
+    id: str
+    host: str | None = None
+    kind: str | None = None
+    device: str | None = None
+    simulated: bool | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> SlotInfo | None:
+        return cls(**_pick(cls, data)) if data else None
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """Where a granted lease's kernel runs. ``key_file``/``known_hosts``: paths on the client's
+    machine, "{username}" already filled in, "~" not yet expanded (``os.path.expanduser``)."""
+
+    name: str
+    address: str
+    port: int = 22
+    user: str = ""
+    key_file: str | None = None
+    known_hosts: str | None = None
+    python: str = "python3"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> HostInfo | None:
+        return cls(**_pick(cls, data)) if data else None
+
+
+@dataclass(frozen=True)
+class Lease:
+    id: str
+    user: str
+    kind: str
+    kernel_id: str
+    state: str  # "queued" | "granted" | "released" | "expired"
+    position: int | None = None
+    queue_length: int = 0
+    slot: SlotInfo | None = None
+    host: HostInfo | None = None
+    heartbeat_interval: float = 10.0
+    heartbeat_timeout: float = 60.0
+    created_at: float | None = None
+    granted_at: float | None = None
+    ended_at: float | None = None
+    end_reason: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Lease:
+        values = _pick(cls, data)
+        values["slot"] = SlotInfo.from_json(data.get("slot"))
+        values["host"] = HostInfo.from_json(data.get("host"))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class HeartbeatReply:
+    lease: Lease
+    orders: list[dict[str, Any]] = field(default_factory=list)
+
+
+class BrokerClient:
+    """Talks to one broker with one bearer token, over one kept-alive connection."""
+
+    def __init__(
+        self, url: str, token: str, timeout: float = 10.0, token_source: str = "the token"
+    ) -> None:
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise BrokerError(
+                f"bad broker URL {url!r}", hint="use a URL like http://127.0.0.1:8765"
+            )
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+        self.token_source = token_source
+        self._scheme = parsed.scheme
+        self._host = parsed.hostname
+        self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        self._base = parsed.path.rstrip("/")
+        self._conn: http.client.HTTPConnection | None = None
+
+    # -- API -------------------------------------------------------------------------------
+
+    def request_lease(self, kind: str, kernel_id: str) -> Lease:
+        """Ask for a slot: the lease comes back granted or queued (then poll ``get_lease``)."""
+        body = {"kind": kind, "kernel_id": kernel_id}
+        return Lease.from_json(self._call("POST", "/api/v1/leases", body))
+
+    def get_lease(self, lease_id: str, wait: float = 0) -> Lease:
+        """The lease; with ``wait`` > 0 the broker holds the reply (≤ 60 s) until it changes."""
+        path = f"/api/v1/leases/{urllib.parse.quote(lease_id, safe='')}"
+        if wait > 0:
+            path += f"?wait={wait:g}"
+        return Lease.from_json(self._call("GET", path, timeout=self.timeout + min(wait, 60)))
+
+    def heartbeat(self, lease_id: str, busy: bool, last_activity: float | None) -> HeartbeatReply:
+        path = f"/api/v1/leases/{urllib.parse.quote(lease_id, safe='')}/heartbeat"
+        data = self._call("POST", path, {"busy": busy, "last_activity": last_activity})
+        return HeartbeatReply(Lease.from_json(data["lease"]), list(data.get("orders") or []))
+
+    def release(self, lease_id: str) -> Lease:
+        path = f"/api/v1/leases/{urllib.parse.quote(lease_id, safe='')}"
+        return Lease.from_json(self._call("DELETE", path))
+
+    def status(self) -> dict[str, Any]:
+        """The pool as this token may see it (raw JSON: hosts, slots, leases, queue)."""
+        return self._call("GET", "/api/v1/status")
+
+    def whoami(self) -> dict[str, str]:
+        return self._call("GET", "/api/v1/whoami")
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> BrokerClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transport -------------------------------------------------------------------------
+
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._scheme == "https" else http.client.HTTPConnection
+        conn = cls(self._host, self._port, timeout=timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn
+
+    def _call(
+        self, method: str, path: str, body: dict | None = None, timeout: float | None = None
+    ) -> Any:
+        timeout = self.timeout if timeout is None else timeout
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
+        if payload is not None:
+            headers["Content-Type"] = "application/json"
+        for attempt in (1, 2):
+            reused = self._conn is not None
+            try:
+                if self._conn is None:
+                    self._conn = self._connect(timeout)
+                elif self._conn.sock is not None:
+                    self._conn.sock.settimeout(timeout)
+                self._conn.request(method, self._base + path, body=payload, headers=headers)
+                response = self._conn.getresponse()
+                raw = response.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+                # A kept-alive connection the server closed: reconnect once.
+                self.close()
+                if attempt == 2 or not reused:
+                    raise self._unreachable(str(exc) or "connection closed") from None
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                reason = "connection refused" if isinstance(exc, ConnectionRefusedError) else exc
+                if isinstance(exc, TimeoutError | socket.timeout):
+                    reason = f"no reply within {timeout:g} s"
+                raise self._unreachable(str(reason)) from None
+        if response.getheader("Connection", "").lower() == "close":
+            self.close()
+        return self._decode(response.status, raw)
+
+    def _unreachable(self, reason: str) -> BrokerUnreachable:
+        return BrokerUnreachable(
+            f"cannot reach the broker at {self.url}: {reason}",
+            hint="start it with `gpu-broker serve --config FILE` or fix broker_url",
+        )
+
+    def _decode(self, status: int, raw: bytes) -> Any:
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = None
+        if 200 <= status < 300 and isinstance(data, dict):
+            return data
+        error = data.get("error") if isinstance(data, dict) else None
+        code = error.get("code", "") if isinstance(error, dict) else ""
+        message = error.get("message", "") if isinstance(error, dict) else ""
+        if status == 401:
+            raise BrokerAuthError(
+                f"the broker rejected the token from {self.token_source}: {message}",
+                hint="create one with `gpu-broker token create --config FILE --user NAME` "
+                f"and put it in ${TOKEN_ENV} or {DEFAULT_TOKEN_FILE}",
+            )
+        if not message:
+            message = f"unexpected reply from the broker at {self.url} (HTTP {status})"
+        raise BrokerRequestError(status, code or "http_error", f"broker: {message}")
+
+
+def read_token(env_var: str = TOKEN_ENV, token_file: str | Path | None = None) -> tuple[str, str]:
+    """The bearer token and where it came from: ``$env_var`` first, else the token file
+    (default ``~/.config/jupyter-shared-gpu/token``), which must not be readable by others."""
+    value = os.environ.get(env_var, "").strip()
+    if value:
+        return value, f"${env_var}"
+    path = Path(os.path.expanduser(str(token_file or DEFAULT_TOKEN_FILE)))
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise BrokerError(
+            f"no broker token: ${env_var} is not set and {path} does not exist",
+            hint="ask an admin for a token (`gpu-broker token create --config FILE --user NAME "
+            f"--output {path}`), or set ${env_var}",
+        ) from None
+    except OSError as exc:
+        raise BrokerError(f"cannot read the token file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise BrokerError(
+            f"the token file {path} is readable by other users (mode {stat.S_IMODE(mode):o})",
+            hint=f"run `chmod 600 {path}`",
+        )
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BrokerError(f"cannot read the token file {path}: {exc}") from None
+    if not token:
+        raise BrokerError(
+            f"the token file {path} is empty", hint="put the token from the admin in it"
+        )
+    return token, str(path)

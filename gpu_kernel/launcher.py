@@ -1,0 +1,296 @@
+"""The GPU-host side of the launch protocol: ``python -m gpu_kernel launch`` and ``... ctl``.
+
+``remote.launch`` runs ``launch`` over SSH (or as a subprocess for a "local" host): it reads one
+``LaunchRequest`` line on stdin, starts the kernel in its own session (so it outlives the SSH
+channel), waits until it listens, and prints one ``LaunchReply`` line. ``remote.status`` /
+``signal`` / ``kill`` / ``cleanup`` run ``ctl``, which acts only on the process whose pid file is in
+the kernel's runtime dir and whose command line names that kernel's connection file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gpu_kernel import __version__
+from gpu_kernel.errors import BadRequest
+from gpu_kernel.protocol import (
+    PORT_NAMES,
+    PROTOCOL_VERSION,
+    KernelStatus,
+    LaunchReply,
+    LaunchRequest,
+    check_kernel_id,
+)
+
+DEFAULT_RUNTIME_ROOT = "~/.local/share/jupyter-shared-gpu/kernels"
+START_TIMEOUT = 30.0
+POLL_INTERVAL = 0.02
+KILL_GRACE = 3.0
+# Variables that would tie the kernel to a process on this side (ipykernel's parent poller).
+_DROP_ENV = ("JPY_PARENT_PID", "JPY_INTERRUPT_EVENT")
+
+
+def runtime_root(root: str | None) -> Path:
+    """The directory holding one runtime dir per kernel (``$SHARED_GPU_RUNTIME_ROOT`` overrides)."""
+    chosen = root or os.environ.get("SHARED_GPU_RUNTIME_ROOT") or DEFAULT_RUNTIME_ROOT
+    return Path(chosen).expanduser().absolute()
+
+
+def runtime_dir(root: str | None, kernel_id: str) -> Path:
+    """``<root>/<kernel_id>``, after checking the id cannot escape the root."""
+    base = runtime_root(root)
+    path = base / check_kernel_id(kernel_id)
+    if path.parent != base:
+        raise BadRequest(f"invalid kernel_id {kernel_id!r}")
+    return path
+
+
+# -- launch ------------------------------------------------------------------------------------
+
+
+def launch_main(stdin_line: bytes) -> tuple[LaunchReply, int]:
+    """Handle one request line; returns the reply and the launcher's exit status."""
+    try:
+        raw = json.loads(stdin_line)
+    except ValueError:
+        raw = None
+    theirs = raw.get("protocol") if isinstance(raw, dict) else None
+    if type(theirs) is int and theirs != PROTOCOL_VERSION:
+        return LaunchReply.failure(
+            "protocol",
+            f"launch protocol mismatch: the caller speaks protocol {theirs}, this host's "
+            f"jupyter-shared-gpu {__version__} ({sys.executable}) speaks protocol "
+            f"{PROTOCOL_VERSION}",
+            "install the same jupyter-shared-gpu version on the host as on the Jupyter server "
+            f"(e.g. `{sys.executable} -m pip install jupyter-shared-gpu==<server's version>`)",
+        ), 1
+    try:
+        request = LaunchRequest.from_json(stdin_line)
+        return start_kernel(request), 0
+    except BadRequest as e:
+        return LaunchReply.failure("bad_request", e.message, e.hint), 1
+    except StartFailed as e:
+        return LaunchReply.failure("start_failed", e.message, e.hint), 1
+
+
+class StartFailed(Exception):
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message, self.hint = message, hint
+
+
+def _prepare_dir(rdir: Path) -> None:
+    """Create the 0700 runtime dir, or reuse it after a kernel of the same id has died."""
+    rdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
+        raise BadRequest(f"runtime dir {rdir} is not a directory", "remove it and launch again")
+    if rdir.exists():
+        if _owned_pid(rdir) is not None:
+            raise StartFailed(
+                f"a kernel with id {rdir.name} is already running on this host",
+                f"run `python -m gpu_kernel ctl {rdir.name} cleanup` first",
+            )
+        for name in ("connection.json", "kernel.pid", "exit_code"):
+            (rdir / name).unlink(missing_ok=True)
+    else:
+        rdir.mkdir(mode=0o700)
+    os.chmod(rdir, 0o700)
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def start_kernel(req: LaunchRequest) -> LaunchReply:
+    """Start the kernel for ``req`` and wait until it accepts on its shell port."""
+    rdir = runtime_dir(req.runtime_root, req.kernel_id)
+    _prepare_dir(rdir)
+    conn_file = rdir / "connection.json"
+    info = {f"{n}_port": 0 for n in PORT_NAMES}
+    info.update(ip="127.0.0.1", transport="tcp", key=req.key)
+    info.update(signature_scheme=req.signature_scheme, kernel_name="shared-gpu")
+    _write_private(conn_file, json.dumps(info, indent=1))
+
+    env = {k: v for k, v in os.environ.items() if k not in _DROP_ENV}
+    env.update(req.env)
+    env.update(
+        CUDA_VISIBLE_DEVICES=req.cuda_visible_devices,
+        SHARED_GPU_HOST=req.host_name,
+        SHARED_GPU_SLOT=req.slot_id,
+        SHARED_GPU_KERNEL_ID=req.kernel_id,
+    )
+    argv = [sys.executable, "-m", "gpu_kernel", "kernel", "-f", str(conn_file)]
+    log_path = rdir / "kernel.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "ab") as log:
+        log.write(f"--- gpu_kernel {__version__} starting kernel {req.kernel_id}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+    _write_private(rdir / "kernel.pid", f"{proc.pid}\n")
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise StartFailed(
+                f"the kernel exited with status {proc.returncode} while starting; "
+                f"kernel.log ends with:\n{_log_tail(log_path, req.key)}",
+                f"see {log_path} on the host",
+            )
+        ports = _bound_ports(conn_file)
+        if ports and _accepts(ports["shell"]):
+            return LaunchReply.success(proc.pid, ports, socket.gethostname(), __version__)
+        time.sleep(POLL_INTERVAL)
+    _kill_group(proc.pid)
+    raise StartFailed(
+        f"the kernel did not start listening within {START_TIMEOUT:.0f} s; "
+        f"kernel.log ends with:\n{_log_tail(log_path, req.key)}",
+        f"see {log_path} on the host; is the host overloaded?",
+    )
+
+
+def _bound_ports(conn_file: Path) -> dict[str, int] | None:
+    """The ports once the kernel has rewritten its connection file with nonzero ones."""
+    try:
+        info = json.loads(conn_file.read_text())
+        ports = {n: int(info[f"{n}_port"]) for n in PORT_NAMES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # not there, or caught half-written
+    return ports if all(ports.values()) else None
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _log_tail(path: Path, key: str, limit: int = 3000) -> str:
+    try:
+        data = path.read_bytes()[-limit:].decode(errors="replace")
+    except OSError:
+        return "(no kernel.log)"
+    return data.replace(key, "<key>") if key else data
+
+
+# -- ctl ---------------------------------------------------------------------------------------
+
+
+def _proc_state(pid: int) -> str | None:
+    """The one-letter state of ``pid`` from /proc, or None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[0]
+
+
+def _owned_pid(rdir: Path) -> int | None:
+    """The kernel's pid if it is alive (not a zombie) and its command line names our file."""
+    try:
+        pid = int((rdir / "kernel.pid").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 1:
+        return None
+    if not Path("/proc/self").exists():  # not Linux: best effort
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return None
+        return pid
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if str(rdir / "connection.json").encode() not in cmdline:
+        return None
+    return pid if _proc_state(pid) not in (None, "Z", "X") else None
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live (non-zombie) process is in process group ``pgid``."""
+    if not Path("/proc/self").exists():
+        try:
+            os.killpg(pgid, 0)
+        except OSError:
+            return False
+        return True
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+    return False
+
+
+def _kill_group(pid: int, grace: float = KILL_GRACE) -> None:
+    """SIGTERM the kernel's process group, SIGKILL whatever is left after ``grace`` seconds."""
+    try:
+        pgid = os.getpgid(pid)
+    except OSError:
+        return
+    group = pgid == pid  # the kernel leads its own group (start_new_session)
+    send = os.killpg if group else os.kill
+    try:
+        send(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not (_group_alive(pid) if group else _proc_state(pid) not in (None, "Z", "X")):
+            return
+        time.sleep(POLL_INTERVAL)
+    with contextlib.suppress(OSError):  # no pid reuse while its group still exists
+        send(pid, signal.SIGKILL)
+
+
+def kernel_status(rdir: Path) -> KernelStatus:
+    try:
+        exit_code: int | None = int((rdir / "exit_code").read_text().strip())
+    except (OSError, ValueError):
+        exit_code = None
+    return KernelStatus(alive=_owned_pid(rdir) is not None, exit_code=exit_code)
+
+
+def ctl_main(kernel_id: str, action: str, signum: int | None, root: str | None) -> KernelStatus:
+    """Run one ctl action; every action answers the kernel's status afterwards."""
+    rdir = runtime_dir(root, kernel_id)
+    pid = _owned_pid(rdir)
+    if action == "signal":
+        if signum is None or not 0 < signum < signal.NSIG:
+            raise BadRequest(f"invalid signal number {signum!r}", "e.g. 2 for SIGINT")
+        if pid is not None:
+            os.kill(pid, signum)
+    elif action in ("kill", "cleanup"):
+        if pid is not None:
+            _kill_group(pid)
+        if action == "cleanup":
+            status = kernel_status(rdir)
+            shutil.rmtree(rdir, ignore_errors=True)
+            return status
+    elif action != "status":
+        raise BadRequest(f"unknown ctl action {action!r}", "status, signal N, kill or cleanup")
+    return kernel_status(rdir)

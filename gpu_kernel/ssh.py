@@ -1,0 +1,333 @@
+"""Reaching a GPU host: run commands and forward ports over one SSH connection per kernel.
+
+The only module that imports paramiko. ``connect(target)`` returns an ``SSHConnection`` (or a
+``LocalConnection`` for ``address="local"``); ``remote.py`` runs the launcher through ``run``, the
+provisioner tunnels the kernel's five ports through ``forward``, the broker probes and fences.
+Host keys are checked strictly; authentication uses the key file only (no agent, no password).
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import select
+import shlex
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from gpu_kernel.errors import (
+    CommandTimeout,
+    HostKeyError,
+    HostUnreachable,
+    SSHAuthError,
+)
+from gpu_kernel.tunnel import ForwardPump
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
+# known_hosts key type -> host key algorithms paramiko may negotiate for it
+_HOSTKEY_ALGS = {"ssh-rsa": ("rsa-sha2-512", "rsa-sha2-256", "ssh-rsa")}
+
+
+@dataclass(frozen=True)
+class HostTarget:
+    """Where and how to reach one GPU host (built by the broker from its config)."""
+
+    name: str
+    address: str  # "local": no SSH, run the launcher as a subprocess
+    port: int = 22
+    user: str = ""
+    key_file: str | None = None
+    known_hosts_file: str | None = None  # None: ~/.ssh/known_hosts
+    host_keys: tuple[str, ...] = ()  # "keytype base64" lines, trusted as well
+    python: str = "python3"
+    connect_timeout: float = 10.0
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == "local"
+
+    @property
+    def login(self) -> str:
+        return f"{self.user or getpass.getuser()}@{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    """Exit status and output of one command run on a host."""
+
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+
+class HostConnection:
+    """A way to run commands on a host and reach its loopback ports."""
+
+    target: HostTarget
+
+    def run(self, argv: list[str], stdin: bytes = b"", timeout: float = 30) -> CommandResult:
+        raise NotImplementedError
+
+    def forward(self, remote_port: int) -> int:
+        """A 127.0.0.1 port here that reaches 127.0.0.1:``remote_port`` on the host."""
+        raise NotImplementedError
+
+    def is_alive(self) -> bool:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> HostConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(target: HostTarget) -> HostConnection:
+    """Open a connection to ``target``; raises HostUnreachable, HostKeyError or SSHAuthError."""
+    return LocalConnection(target) if target.is_local else SSHConnection(target)
+
+
+class LocalConnection(HostConnection):
+    """The "GPU host" is this machine: commands are subprocesses, ports are used as they are."""
+
+    def __init__(self, target: HostTarget) -> None:
+        self.target = target
+
+    def run(self, argv: list[str], stdin: bytes = b"", timeout: float = 30) -> CommandResult:
+        try:
+            p = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise CommandTimeout(f"`{shlex.join(argv)}` did not finish in {timeout:g} s") from e
+        except OSError as e:  # missing interpreter: same status a shell would give
+            return CommandResult(127, b"", str(e).encode())
+        return CommandResult(p.returncode, p.stdout, p.stderr)
+
+    def forward(self, remote_port: int) -> int:
+        return remote_port
+
+    def is_alive(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def _load_host_keys(target: HostTarget) -> paramiko.HostKeys:
+    keys = paramiko.HostKeys()
+    path = Path(target.known_hosts_file or "~/.ssh/known_hosts").expanduser()
+    if path.exists():
+        try:
+            keys.load(str(path))
+        except (OSError, paramiko.SSHException, paramiko.hostkeys.InvalidHostKey) as e:
+            raise HostKeyError(f"cannot read known_hosts file {path}: {e}") from e
+    for line in target.host_keys:
+        try:
+            entry = paramiko.hostkeys.HostKeyEntry.from_line(f"{_host_id(target)} {line}")
+        except (paramiko.SSHException, paramiko.hostkeys.InvalidHostKey, ValueError) as e:
+            raise HostKeyError(f"host {target.name}: cannot parse host key {line[:40]!r}") from e
+        if entry is None or entry.key is None:
+            raise HostKeyError(f"host {target.name}: cannot parse host key {line[:40]!r}")
+        keys.add(_host_id(target), entry.key.get_name(), entry.key)
+    return keys
+
+
+def _host_id(target: HostTarget) -> str:
+    return target.address if target.port == 22 else f"[{target.address}]:{target.port}"
+
+
+def _load_key(target: HostTarget) -> paramiko.PKey:
+    if target.key_file:
+        candidates = [Path(target.key_file).expanduser()]
+    else:
+        candidates = [p for p in map(Path, DEFAULT_IDENTITIES) if p.expanduser().exists()]
+        candidates = [p.expanduser() for p in candidates]
+    if not candidates:
+        raise SSHAuthError(
+            f"no SSH key for {target.login}",
+            "set key_file for this host in the broker config (agents and passwords are not used)",
+        )
+    path = candidates[0]
+    try:
+        return paramiko.PKey.from_path(path)
+    except paramiko.PasswordRequiredException as e:
+        raise SSHAuthError(
+            f"the SSH key {path} for {target.login} is encrypted",
+            "use a key without a passphrase, readable only by the server's user",
+        ) from e
+    except (OSError, paramiko.SSHException, ValueError) as e:
+        raise SSHAuthError(f"cannot load the SSH key {path} for {target.login}: {e}") from e
+
+
+class SSHConnection(HostConnection):
+    """One paramiko Transport to a host; all forwards share it and one pump thread."""
+
+    def __init__(self, target: HostTarget) -> None:
+        self.target = target
+        self._lock = threading.Lock()
+        self._closed = False
+        self._pump: ForwardPump | None = None
+        self._transport = self._open_transport()
+        try:
+            self._check_host_key()
+            self._authenticate()
+            # sshd sets TCP_NODELAY on its side only once a session with a pty runs a command;
+            # without it small ZMQ replies stall on Nagle + delayed ACK (~48 ms vs ~8 ms).
+            try:
+                self._pty = self._transport.open_session(timeout=target.connect_timeout)
+                self._pty.get_pty()
+                self._pty.exec_command("cat")
+            except (paramiko.SSHException, OSError, EOFError) as e:
+                raise self._lost(e) from e
+        except BaseException:
+            self._transport.close()
+            raise
+        self._transport.set_keepalive(15)
+
+    def _open_transport(self) -> paramiko.Transport:
+        t = self.target
+        try:
+            sock = socket.create_connection((t.address, t.port), timeout=t.connect_timeout)
+        except socket.gaierror as e:
+            raise HostUnreachable(
+                f"cannot resolve host {t.name} ({t.address}): {e}", "check its address"
+            ) from e
+        except OSError as e:
+            raise HostUnreachable(
+                f"cannot connect to {t.name} at {t.address}:{t.port}: {e.strerror or e}",
+                "is the host up and sshd listening on that port?",
+            ) from e
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        transport = paramiko.Transport(sock)
+        known = self._known = _load_host_keys(t).lookup(_host_id(t))
+        if known:  # ask for a key type we know, as OpenSSH does
+            algs = [a for k in known for a in _HOSTKEY_ALGS.get(k, (k,))]
+            opts = transport.get_security_options()
+            opts.key_types = [a for a in algs if a in opts.key_types] or opts.key_types
+        try:
+            transport.start_client(timeout=t.connect_timeout)
+        except (paramiko.SSHException, EOFError, OSError) as e:
+            transport.close()
+            if known and "host key" in str(e).lower():
+                raise self._changed(f"offers none of the known key types ({e})") from e
+            raise HostUnreachable(
+                f"SSH handshake with {t.name} at {t.address}:{t.port} failed: {e}",
+                "is sshd (and not another service) listening on that port?",
+            ) from e
+        return transport
+
+    def _changed(self, what: str) -> HostKeyError:
+        t = self.target
+        return HostKeyError(
+            f"the SSH host key of {t.name} ({_host_id(t)}) has CHANGED: it {what}; "
+            "this may be an attack (someone intercepting the connection), or the host was "
+            "reinstalled",
+            f"if the change is expected, remove the old line for {_host_id(t)} from "
+            f"{t.known_hosts_file or '~/.ssh/known_hosts'} (or host_keys) and add the new key",
+        )
+
+    def _check_host_key(self) -> None:
+        t = self.target
+        key = self._transport.get_remote_server_key()
+        if not self._known:
+            file = t.known_hosts_file or "~/.ssh/known_hosts"
+            raise HostKeyError(
+                f"the SSH host key of {t.name} ({_host_id(t)}) is unknown "
+                f"({key.get_name()} {key.fingerprint})",
+                f"check the key, then trust it with: ssh-keyscan -p {t.port} {t.address} >> {file}",
+            )
+        if self._known.get(key.get_name()) != key:
+            raise self._changed(f"now presents {key.get_name()} {key.fingerprint}")
+
+    def _authenticate(self) -> None:
+        t = self.target
+        pkey = _load_key(t)
+        user = t.user or getpass.getuser()
+        try:
+            self._transport.auth_publickey(user, pkey)
+        except paramiko.SSHException as e:  # AuthenticationException, BadAuthenticationType
+            raise SSHAuthError(
+                f"{t.login} refused the SSH key {t.key_file or '(default identity)'}: {e}",
+                f"add the key's public half to ~{user}/.ssh/authorized_keys on {t.address}",
+            ) from e
+        if not self._transport.is_authenticated():
+            raise SSHAuthError(f"{t.login} did not accept the SSH key {t.key_file}")
+
+    def run(self, argv: list[str], stdin: bytes = b"", timeout: float = 30) -> CommandResult:
+        """Run ``argv`` (joined with shlex for the remote shell) on a fresh channel."""
+        deadline = time.monotonic() + timeout
+        try:
+            chan = self._transport.open_session(timeout=timeout)
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self._lost(e) from e
+        out, err = bytearray(), bytearray()
+        try:
+            chan.exec_command(shlex.join(argv))
+            if stdin:
+                chan.sendall(stdin)
+            chan.shutdown_write()
+            # sshd may send the exit status before the last output: the end is EOF + status.
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(65536)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                remaining = deadline - time.monotonic()
+                drained = not (chan.recv_ready() or chan.recv_stderr_ready())
+                ended = (chan.eof_received or chan.closed) and drained
+                if ended and chan.status_event.wait(max(remaining, 0)):
+                    break
+                if remaining <= 0:
+                    where = self.target.name
+                    raise CommandTimeout(
+                        f"`{shlex.join(argv)}` on {where}: no end in {timeout:g} s"
+                    )
+                if chan.closed and not self._transport.is_active():
+                    raise self._lost(EOFError("connection closed"))
+                select.select([chan], [], [], min(remaining, 0.2))
+            return CommandResult(chan.recv_exit_status(), bytes(out), bytes(err))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self._lost(e) from e
+        finally:
+            chan.close()
+
+    def _lost(self, e: BaseException) -> HostUnreachable:
+        t = self.target
+        return HostUnreachable(
+            f"the SSH connection to {t.name} ({t.address}:{t.port}) failed: {e}",
+            "the host or its sshd may have gone away; reconnect",
+        )
+
+    def forward(self, remote_port: int) -> int:
+        with self._lock:
+            if self._closed:
+                raise self._lost(EOFError("connection closed"))
+            if self._pump is None:
+                self._pump = ForwardPump(self._transport, self.target.name)
+            return self._pump.listen(remote_port)
+
+    def is_alive(self) -> bool:
+        return not self._closed and self._transport.is_active()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pump = self._pump
+        if pump is not None:
+            pump.stop()
+        self._pty.close()
+        self._transport.close()  # also ends a channel open the pump may be waiting on
+        if pump is not None:
+            pump.join()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpu_kernel.ssh import HostTarget
+from tests.pool import Pool
 from tests.sshd import ClientKeys, TestHost, start_hosts
 
 
@@ -42,3 +43,18 @@ def ssh_hosts(
     yield hosts
     for host in hosts:
         host.stop()
+
+
+@pytest.fixture
+def pool(
+    tmp_path: Path, ssh_hosts: list[TestHost], client_keys: ClientKeys, monkeypatch
+) -> Iterator[Pool]:
+    """A running broker over the two sshd hosts (one "sim" slot each), a "Shared GPU" kernelspec
+    pointing at it, and this test's Jupyter user holding a user token (SHARED_GPU_TOKEN)."""
+    pool = Pool(tmp_path / "pool", ssh_hosts, client_keys)
+    pool.start()
+    pool.install_spec()
+    monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
+    monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(tmp_path / "kernels"))
+    yield pool
+    pool.stop()

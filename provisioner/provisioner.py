@@ -1,0 +1,199 @@
+"""``SharedGPUProvisioner``: jupyter_client's kernel provisioner for "Shared GPU" kernels.
+
+jupyter_client's ``KernelManager`` calls these hooks (see its ``provisioning/provisioner_base.py``):
+``pre_launch`` -> ``launch_kernel`` -> ``post_launch`` on start; ``poll`` from the restarter every
+few seconds; ``send_signal`` for interrupts; ``shutdown_requested`` ->
+``wait``/``terminate``/``kill`` -> ``cleanup`` on shutdown and restart. A ``KernelSession`` does
+the work in worker threads; this class adapts it and logs our errors as one clear line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+
+from broker.client import BrokerClient, read_token
+from gpu_kernel.errors import SharedGPUError
+from provisioner.kernel_session import KernelSession
+from provisioner.settings import ProvisionerSettings
+
+# Variables of the Jupyter server's environment that the remote kernel gets; the rest (which may
+# hold the server's secrets) stays here. The kernelspec's own ``env`` stanza is always passed.
+FORWARDED_ENV = ("JPY_SESSION_NAME", "JUPYTERHUB_USER", "LANG", "LC_ALL", "TZ")
+
+
+class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Runs the kernel on a GPU slot leased from the broker, behind a local session proxy."""
+
+    session: KernelSession | None = None
+    _restarting: bool = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        # The factory passes the kernelspec's provisioner config as keyword arguments; traitlets
+        # would drop them with a warning. We validate that stanza ourselves in pre_launch.
+        spec = kwargs.get("kernel_spec")
+        stanza = (getattr(spec, "metadata", None) or {}).get("kernel_provisioner") or {}
+        for key in stanza.get("config") or {}:
+            kwargs.pop(key, None)
+        super().__init__(**kwargs)
+
+    @property
+    def has_process(self) -> bool:
+        return self.session is not None and self.session.kernel is not None
+
+    # ---- start -------------------------------------------------------------------------------
+
+    def _settings(self) -> ProvisionerSettings:
+        stanza = (self.kernel_spec.metadata or {}).get("kernel_provisioner", {})
+        return ProvisionerSettings.from_config(
+            stanza.get("config") or {}, self.kernel_spec.display_name
+        )
+
+    async def _in_thread(self, func: Any, *args: Any) -> Any:
+        """Run blocking session work off the event loop; log why it failed once, no traceback."""
+        try:
+            return await asyncio.to_thread(func, *args)
+        except SharedGPUError as err:
+            self.log.error("Shared GPU kernel %s: %s", self.kernel_id, err)
+            raise
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """Take a lease (waiting in the broker's queue), or keep the one we hold on a restart."""
+        if self.session is None:
+            settings = self._settings()
+            token, source = read_token(settings.token_env, settings.token_file)
+            client = BrokerClient(settings.broker_url, token, token_source=source)
+            self.session = KernelSession(self.kernel_id, settings, client, progress=self.log.info)
+        session = self.session
+        try:
+            await self._in_thread(session.acquire_lease)
+        except asyncio.CancelledError:
+            session.cancel()
+            raise
+        except BaseException:
+            await self._abandon()
+            raise
+        self._restarting = False
+        kwargs.pop("extra_arguments", None)
+        return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
+
+    def _kernel_env(self, env: dict[str, str]) -> dict[str, str]:
+        wanted = set(self.kernel_spec.env or {}) | set(FORWARDED_ENV)
+        return {k: v for k, v in env.items() if k in wanted}
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the kernel on the leased host; return the proxy's ports to Jupyter."""
+        assert self.session is not None
+        km = self.parent
+        key: bytes = km.session.key
+        scheme: str = km.session.signature_scheme
+        env = self._kernel_env(kwargs.get("env") or dict(os.environ))
+        try:
+            ports = await self._in_thread(self.session.launch, key, scheme, env)
+        except BaseException:
+            await self._abandon()
+            raise
+        self.connection_info = {
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            "shell_port": ports["shell"],
+            "iopub_port": ports["iopub"],
+            "stdin_port": ports["stdin"],
+            "control_port": ports["control"],
+            "hb_port": ports["hb"],
+            "key": key,
+            "signature_scheme": scheme,
+            "kernel_name": getattr(km, "kernel_name", ""),
+        }
+        return self.connection_info
+
+    async def _abandon(self) -> None:
+        """A start failed: give back the lease and every local resource."""
+        session, self.session = self.session, None
+        if session is not None:
+            await asyncio.to_thread(session.close)
+
+    # ---- process-like hooks ------------------------------------------------------------------
+
+    async def poll(self) -> int | None:
+        if self.session is None:
+            return 0
+        return await asyncio.to_thread(self.session.poll)
+
+    async def wait(self) -> int | None:
+        while (code := await self.poll()) is None:
+            await asyncio.sleep(0.1)
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        if self.session is not None:
+            await self._in_thread(self.session.signal, signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        if self.session is not None:
+            await self._in_thread(self.session.kill)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self.session is not None:
+            await self._in_thread(self.session.signal, int(signal.SIGTERM))
+
+    async def shutdown_requested(self, restart: bool = False) -> None:
+        # terminate()/kill() never learn about restarts (jupyter_client #1061): remember it here.
+        self._restarting = restart
+
+    async def cleanup(self, restart: bool = False) -> None:
+        """On restart keep the lease, slot and proxy; otherwise release everything."""
+        if self.session is None:
+            return
+        if restart or self._restarting:
+            await asyncio.to_thread(self.session.forget_kernel)
+        else:
+            await self._abandon()
+
+    def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
+        return max(recommended, 5.0)
+
+    def get_stable_start_time(self, recommended: float = 10.0) -> float:
+        return max(recommended, 30.0)
+
+    # ---- re-attach ---------------------------------------------------------------------------
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info = await super().get_provisioner_info()
+        if self.session is not None:
+            info["shared_gpu"] = self.session.describe()
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        saved = provisioner_info.get("shared_gpu")
+        if not saved:
+            return
+        settings = self._settings()
+        token, source = read_token(settings.token_env, settings.token_file)
+        client = BrokerClient(settings.broker_url, token, token_source=source)
+        session = KernelSession(
+            self.kernel_id, settings, client, self.log.info, saved.get("proxy_ports")
+        )
+        try:
+            await self._in_thread(session.reattach, saved)
+        except BaseException:
+            await asyncio.to_thread(session.close)
+            raise
+        self.session = session
+        ports = session.proxy.ports
+        self.connection_info = dict(self.connection_info)
+        self.connection_info.update(
+            {
+                "shell_port": ports["shell"],
+                "iopub_port": ports["iopub"],
+                "stdin_port": ports["stdin"],
+                "control_port": ports["control"],
+                "hb_port": ports["hb"],
+            }
+        )

@@ -1,0 +1,107 @@
+"""The provisioner's settings, read from a kernelspec's ``metadata.kernel_provisioner.config``.
+
+jupyter_client silently drops unknown keys of that stanza, so ``SharedGPUProvisioner.pre_launch``
+validates it here and turns every mistake into one error that names the key and the fix.
+``provisioner.install`` builds the same stanza from its command-line options.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, fields
+from typing import Any
+
+from gpu_kernel.errors import SharedGPUError
+
+DEFAULT_TOKEN_ENV = "SHARED_GPU_TOKEN"
+DEFAULT_TOKEN_FILE = "~/.config/jupyter-shared-gpu/token"
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class SettingsError(SharedGPUError):
+    """The kernelspec's provisioner config is wrong."""
+
+
+def parse_seconds(value: Any, key: str) -> float:
+    """Accept a number of seconds or a duration such as "90s", "15m", "1h30m"."""
+    if isinstance(value, bool):
+        raise SettingsError(f'{key}: expected a duration such as "90s" or "10m", got {value!r}')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and value.strip():
+        text = value.strip().replace(" ", "")
+        parts = _DURATION.findall(text)
+        if "".join(n + u for n, u in parts) != text:
+            raise SettingsError(
+                f"{key}: {value!r} is not a duration",
+                'write a number with a unit, such as "90s", "10m" or "1h30m"',
+            )
+        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    else:
+        raise SettingsError(f'{key}: expected a duration such as "90s" or "10m", got {value!r}')
+    if seconds <= 0:
+        raise SettingsError(f"{key}: must be longer than zero, got {value!r}")
+    return seconds
+
+
+@dataclass(frozen=True)
+class ProvisionerSettings:
+    """What one "Shared GPU" kernelspec asks for, and how to reach the broker as ourselves."""
+
+    broker_url: str
+    slot_kind: str = "any"
+    token_env: str = DEFAULT_TOKEN_ENV
+    token_file: str = DEFAULT_TOKEN_FILE
+    lease_timeout: float = 600.0  # how long to wait in the queue before giving up
+    launch_timeout: float = 60.0  # SSH connect + kernel start
+    ssh_key_file: str | None = None  # overrides the broker's key_file for this Jupyter server
+    known_hosts_file: str | None = None  # overrides the broker's known_hosts
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], spec_name: str = "Shared GPU"
+    ) -> ProvisionerSettings:
+        """Validate a kernelspec's provisioner config; raise SettingsError naming each problem."""
+        known = {f.name for f in fields(cls)}
+        problems: list[str] = []
+        for key in config:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                problems.append(
+                    f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                )
+        values: dict[str, Any] = {}
+        url = config.get("broker_url")
+        if not isinstance(url, str) or not re.match(r"^https?://[^/\s]+", url or ""):
+            problems.append(
+                f"broker_url must be an http(s) URL such as http://127.0.0.1:8765, got {url!r}"
+            )
+        else:
+            values["broker_url"] = url.rstrip("/")
+        for key in ("slot_kind", "token_env", "token_file", "ssh_key_file", "known_hosts_file"):
+            if key in config:
+                value = config[key]
+                if not isinstance(value, str) or not value.strip():
+                    problems.append(f"{key} must be a non-empty string, got {value!r}")
+                else:
+                    values[key] = value
+        if "slot_kind" in values and not re.fullmatch(r"[A-Za-z0-9._-]+", values["slot_kind"]):
+            problems.append(
+                f"slot_kind {values['slot_kind']!r} may hold only letters, digits, '.', '_', '-'"
+            )
+        for key in ("lease_timeout", "launch_timeout"):
+            if key in config:
+                try:
+                    values[key] = parse_seconds(config[key], key)
+                except SettingsError as err:
+                    problems.append(err.message)
+        if problems:
+            raise SettingsError(
+                f"kernelspec {spec_name!r}: bad provisioner config: " + "; ".join(problems),
+                "fix the kernelspec with `jupyter shared-gpu install --broker-url URL ...` "
+                "(see `jupyter shared-gpu install --help`)",
+            )
+        return cls(**values)

@@ -1,0 +1,151 @@
+"""A whole pool for end-to-end tests: a real broker process, real sshd hosts, a kernelspec.
+
+``Pool`` writes a broker config for the given test hosts, starts ``gpu-broker serve`` as a
+subprocess, creates tokens with the CLI, and installs "Shared GPU" kernelspecs in a temporary
+Jupyter data dir. Used by the end-to-end tests through the ``pool`` fixture in conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+
+from tests.sshd import ClientKeys, TestHost, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: str) -> str:
+    """TOML for a broker on ``port`` whose pool is one simulated slot per test host."""
+    lines = [
+        "[server]",
+        f'listen = "127.0.0.1:{port}"',
+        'database = "broker.sqlite"',
+        "",
+        "[policy]",
+        f'heartbeat_interval = "{policy.get("heartbeat_interval", "1s")}"',
+        f'heartbeat_timeout = "{policy.get("heartbeat_timeout", "10s")}"',
+    ]
+    for index, host in enumerate(hosts):
+        lines += [
+            "",
+            "[[hosts]]",
+            f'name = "{host.name}"',
+            'address = "127.0.0.1"',
+            f"port = {host.port}",
+            f'user = "{host.user}"',
+            f'key_file = "{keys.key_file}"',
+            f'known_hosts = "{keys.known_hosts}"',
+            f'python = "{sys.executable}"',
+            "  [[hosts.slots]]",
+            '  kind = "sim"',
+            f'  device = "{index}"',
+            "  simulated = true",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+class Pool:
+    """A running broker over some test hosts, and kernelspecs that point at it."""
+
+    def __init__(self, base: Path, hosts: list[TestHost], keys: ClientKeys) -> None:
+        self.base = base
+        self.hosts = hosts
+        self.keys = keys
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        base.mkdir(parents=True, exist_ok=True)
+        self.config = base / "broker.toml"
+        self.config.write_text(broker_config(self.port, hosts, keys))
+        self.proc: subprocess.Popen | None = None
+        self.kernels_dir = base / "jupyter" / "kernels"
+        self.admin_token = ""
+        self.user_token = ""
+
+    def cli(
+        self, *args: str, token: str | None = None, check: bool = True
+    ) -> subprocess.CompletedProcess:
+        env = dict(os.environ)
+        env.pop("SHARED_GPU_TOKEN", None)
+        if token is not None:
+            env["SHARED_GPU_TOKEN"] = token
+        return subprocess.run(
+            [str(BIN / "gpu-broker"), *args], capture_output=True, text=True, env=env, check=check
+        )
+
+    def start(self) -> None:
+        log = open(self.base / "broker.log", "ab")  # noqa: SIM115 - lives with the process
+        self.proc = subprocess.Popen(
+            [str(BIN / "gpu-broker"), "serve", "--config", str(self.config)], stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError((self.base / "broker.log").read_text())
+            try:
+                urllib.request.urlopen(self.url + "/api/v1/whoami", timeout=1)
+            except urllib.error.HTTPError:
+                break  # 401: it is up
+            except OSError:
+                time.sleep(0.1)
+        if not self.admin_token:
+            self.admin_token = self.token("admin", role="admin")
+            self.user_token = self.token(os.environ.get("USER", "tester") or "tester")
+
+    def token(self, user: str, role: str = "user") -> str:
+        out = self.cli(
+            "token", "create", "--config", str(self.config), "--user", user, "--role", role
+        )
+        return out.stdout.strip().split()[-1]
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def status(self) -> dict:
+        return json.loads(
+            self.cli("status", "--json", "--url", self.url, token=self.admin_token).stdout
+        )
+
+    def slot_users(self) -> dict[str, str | None]:
+        """slot id -> user holding it (None when free), from `gpu-broker status --json`."""
+        status = self.status()
+        holders = {slot["id"]: None for slot in status["slots"]}
+        for lease in status["leases"]:
+            if lease["state"] == "granted" and lease.get("slot"):
+                holders[lease["slot"]["id"]] = lease["user"]
+        return holders
+
+    def install_spec(self, name: str = "shared-gpu", **config: str) -> None:
+        args = [
+            "install",
+            "--prefix",
+            str(self.base / "prefix"),
+            "--name",
+            name,
+            "--broker-url",
+            config.pop("broker_url", self.url),
+            "--lease-timeout",
+            config.pop("lease_timeout", "60s"),
+        ]
+        for key, value in config.items():
+            args += [f"--{key.replace('_', '-')}", value]
+        from provisioner.install import main
+
+        assert main(args) == 0
+        self.kernels_dir = self.base / "prefix" / "share" / "jupyter" / "kernels"
+
+    def kernel_manager(self, name: str = "shared-gpu") -> KernelManager:
+        ksm = KernelSpecManager(kernel_dirs=[str(self.kernels_dir)])
+        return KernelManager(kernel_name=name, kernel_spec_manager=ksm)

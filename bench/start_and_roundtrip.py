@@ -1,0 +1,124 @@
+"""Start latency and execute round trip: the Shared GPU kernel (lease + SSH + tunnel + proxy) beside
+a local python3 kernel, measured in the same run.
+
+    .venv/bin/python bench/start_and_roundtrip.py [--starts 5] [--round-trips 500]
+
+Starts a real broker and one real sshd on loopback (as the tests do; needs openssh-server), then
+prints a table with both sides and their ratio. Not a test: timings on shared machines drift, so
+read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from jupyter_client.manager import KernelManager
+
+from tests.pool import Pool
+from tests.sshd import ClientKeys, start_hosts
+
+
+def time_start(make_km) -> tuple[float, KernelManager, object]:
+    """Seconds from start_kernel() to the first kernel_info_reply."""
+    km = make_km()
+    t0 = time.perf_counter()
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    return time.perf_counter() - t0, km, kc
+
+
+def round_trips(kc, n: int) -> list[float]:
+    """Milliseconds for execute_request('pass') -> execute_reply, n times (after a warm-up)."""
+    for _ in range(20):
+        kc.execute("pass", silent=True)
+        kc.get_shell_msg(timeout=10)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        kc.execute("pass", silent=True)
+        kc.get_shell_msg(timeout=10)
+        out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def p(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def measure(label: str, make_km, starts: int, n: int) -> dict[str, float]:
+    start_times = []
+    for i in range(starts):
+        seconds, km, kc = time_start(make_km)
+        start_times.append(seconds)
+        if i < starts - 1:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+    rtt = round_trips(kc, n)
+    kc.stop_channels()
+    km.shutdown_kernel(now=True)
+    print(f"  {label}: done", file=sys.stderr)
+    return {
+        "start_s": statistics.median(start_times),
+        "rtt_median_ms": statistics.median(rtt),
+        "rtt_p99_ms": p(rtt, 0.99),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--starts", type=int, default=5)
+    parser.add_argument("--round-trips", type=int, default=500)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        (base / "keys").mkdir()
+        keys = ClientKeys(base / "keys")
+        hosts = start_hosts(base / "hosts", keys, ["gpuhost"])
+        pool = Pool(base / "pool", hosts, keys)
+        os.environ["SHARED_GPU_RUNTIME_ROOT"] = str(base / "kernels")
+        try:
+            pool.start()
+            pool.install_spec()
+            os.environ["SHARED_GPU_TOKEN"] = pool.user_token
+            # alternate sides so drift on a shared machine hits both
+            local = measure(
+                "local python3",
+                lambda: KernelManager(kernel_name="python3"),
+                args.starts,
+                args.round_trips,
+            )
+            shared = measure("Shared GPU", pool.kernel_manager, args.starts, args.round_trips)
+        finally:
+            pool.stop()
+            for host in hosts:
+                host.stop()
+
+    rows = [
+        ("start to first kernel_info_reply (s, median)", "start_s", 1.5),
+        ("execute round trip, median (ms)", "rtt_median_ms", 1.3),
+        ("execute round trip, p99 (ms)", "rtt_p99_ms", 2.0),
+    ]
+    print(f"\n{'measure':46} {'local':>9} {'Shared GPU':>11} {'ratio':>7} {'goal':>7}")
+    for label, key, goal in rows:
+        ratio = shared[key] / local[key]
+        print(f"{label:46} {local[key]:9.3f} {shared[key]:11.3f} {ratio:6.2f}x {goal:6.1f}x")
+    print(
+        f"\n({args.starts} starts, {args.round_trips} round trips each; Shared GPU = broker lease "
+        "+ paramiko SSH to a loopback sshd + one tunnel + session proxy)"
+    )
+
+
+if __name__ == "__main__":
+    main()

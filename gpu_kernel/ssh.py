@@ -30,6 +30,10 @@ from gpu_kernel.errors import (
 from gpu_kernel.tunnel import ForwardPump
 
 log = logging.getLogger(__name__)
+# paramiko logs every refused tunnel channel at ERROR (e.g. a client reconnecting to a kernel that
+# just exited); our own errors say what matters, so its chatter goes to a quiet child logger.
+TRANSPORT_LOG = f"{__name__}.transport"
+logging.getLogger(TRANSPORT_LOG).setLevel(logging.CRITICAL)
 
 DEFAULT_IDENTITIES = ("~/.ssh/id_ed25519", "~/.ssh/id_ecdsa", "~/.ssh/id_rsa")
 # known_hosts key type -> host key algorithms paramiko may negotiate for it
@@ -209,6 +213,7 @@ class SSHConnection(HostConnection):
             ) from e
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport = paramiko.Transport(sock)
+        transport.set_log_channel(TRANSPORT_LOG)
         known = self._known = _load_host_keys(t).lookup(_host_id(t))
         if known:  # ask for a key type we know, as OpenSSH does
             algs = [a for k in known for a in _HOSTKEY_ALGS.get(k, (k,))]

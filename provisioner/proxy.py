@@ -13,11 +13,17 @@ State machine (``ProxyState``)::
     DETACHED --attach--> SYNCING --first IOPub message or sync_timeout--> ATTACHED
         ^                   |                                                |
         +------detach-------+--------------------detach----------------------+
+    any --suspend--> SUSPENDED --execute_request--> RESUMING --attach--> SYNCING
+                         ^                              |
+                         +--------resume_failed---------+
 
 While not ATTACHED, shell and control requests are queued (bounded) and sent in order once
 ATTACHED; SYNCING waits for the kernel's ``iopub_welcome`` (ipykernel >= 7 sends one when our SUB
 subscribes) so that output of queued requests is not lost to the PUB/SUB late-joiner race.
-Every frontend request goes through ``_route_request``: the one place to add suspend/resume.
+While SUSPENDED the proxy stands in for the kernel (``local_replies``): kernel_info from the last
+real reply, empty completions, and the first ``execute_request`` calls ``on_resume`` (in a thread
+of its own) while the cell shows the progress the session publishes. Every frontend request goes
+through ``_route_request``.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
@@ -36,9 +43,11 @@ from enum import Enum
 from typing import Any
 
 import zmq
+from jupyter_client.session import Session
 
 from gpu_kernel.errors import SharedGPUError
 
+from . import local_replies
 from . import messages as m
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,8 @@ class ProxyState(Enum):
     DETACHED = "detached"
     SYNCING = "syncing"  # upstream connected, waiting for IOPub to flow before sending requests
     ATTACHED = "attached"
+    SUSPENDED = "suspended"  # no kernel process: the proxy answers what it can alone
+    RESUMING = "resuming"  # on_resume is bringing a kernel back; requests wait
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,9 @@ class SessionProxy:
         self._sync_deadline = 0.0
         self._activity = Activity(False, "unknown", time.time(), False)
         self.kernel_info_reply: list[bytes] | None = None  # last one seen, frames as they were
+        self._session: Session | None = None  # signs what the proxy says itself (suspended)
+        self._on_resume: Callable[[], None] | None = None
+        self._resume_parent: dict[str, Any] | None = None  # the cell that triggered the resume
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[None]]] = queue.SimpleQueue()
         self._wake_lock = threading.Lock()
         self._closed = False
@@ -153,6 +167,10 @@ class SessionProxy:
     def state(self) -> ProxyState:
         return self._state
 
+    @property
+    def suspended(self) -> bool:
+        return self._state in (ProxyState.SUSPENDED, ProxyState.RESUMING)
+
     def attach(self, upstream_ports: dict[str, int], ip: str = "127.0.0.1") -> None:
         """Connect to a kernel's shell/control/stdin/iopub ports (re-attach replaces the old)."""
         missing = [c for c in ("shell", "control", "stdin", "iopub") if c not in upstream_ports]
@@ -163,6 +181,25 @@ class SessionProxy:
     def detach(self) -> None:
         """Close the upstream sockets; shell and control requests queue until the next attach."""
         self._call("detach", None)
+
+    def configure_session(self, key: bytes, signature_scheme: str = "hmac-sha256") -> None:
+        """Give the proxy the HMAC key, so it can answer and report while the kernel is away."""
+        self._call("session", (key, signature_scheme))
+
+    def suspend(self, on_resume: Callable[[], None]) -> None:
+        """The kernel process is gone: stand in for it; the next execute_request calls
+        ``on_resume()`` in a new thread, which must end with ``attach`` or ``resume_failed``."""
+        if self._session is None:
+            raise ProxyError("suspend() needs configure_session() first")
+        self._call("suspend", on_resume)
+
+    def publish_progress(self, text: str) -> None:
+        """Show one line in the cell that is waiting for the resume (no-op when none waits)."""
+        self._call("progress", text)
+
+    def resume_failed(self, text: str) -> None:
+        """Answer every waiting cell with an error that says why; stay suspended."""
+        self._call("resume_failed", text)
 
     def activity(self) -> Activity:
         """A snapshot of busy/idle and last activity (lock-free: an immutable object swap)."""
@@ -238,8 +275,19 @@ class SessionProxy:
             try:
                 if name == "attach":
                     self._do_attach(*arg)
-                else:
+                elif name == "detach":
                     self._do_detach()
+                elif name == "session":
+                    key, scheme = arg
+                    self._session = Session(
+                        key=key, signature_scheme=scheme, username="shared-gpu", check_pid=False
+                    )
+                elif name == "suspend":
+                    self._do_suspend(arg)
+                elif name == "progress":
+                    self._publish_progress(arg)
+                elif name == "resume_failed":
+                    self._do_resume_failed(arg)
             except Exception as exc:
                 done.set_exception(exc)
             else:
@@ -282,6 +330,7 @@ class SessionProxy:
 
     def _set_attached(self) -> None:
         self._state = ProxyState.ATTACHED
+        self._resume_parent = None
         while self._queued:
             channel, frames = self._queued.popleft()
             self._send_up(channel, frames)
@@ -310,7 +359,10 @@ class SessionProxy:
             self._route_request(channel, frames)
 
     def _route_request(self, channel: str, frames: list[bytes]) -> None:
-        """Decide what happens to one frontend request (suspend/resume hooks in here)."""
+        """Decide what happens to one frontend request."""
+        if self._state in (ProxyState.SUSPENDED, ProxyState.RESUMING):
+            self._stand_in(channel, frames)
+            return
         if channel == "shell":
             header = m.signed_frame(frames, m.HEADER)
             if (
@@ -322,14 +374,15 @@ class SessionProxy:
         if self._state is ProxyState.ATTACHED:
             self._send_up(channel, frames)
         elif channel in _QUEUED_CHANNELS:
-            if len(self._queued) >= MAX_QUEUED:
-                log.warning(
-                    "session proxy queue full (%d); %s request dropped", MAX_QUEUED, channel
-                )
-            else:
-                self._queued.append((channel, frames))
+            self._queue(channel, frames)
         else:
             log.debug("session proxy detached: %s message dropped", channel)
+
+    def _queue(self, channel: str, frames: list[bytes]) -> None:
+        if len(self._queued) >= MAX_QUEUED:
+            log.warning("session proxy queue full (%d); %s request dropped", MAX_QUEUED, channel)
+        else:
+            self._queued.append((channel, frames))
 
     def _send_up(self, channel: str, frames: list[bytes]) -> None:
         try:
@@ -348,6 +401,84 @@ class SessionProxy:
         with contextlib.suppress(zmq.Again):
             for _ in range(_BATCH):
                 sock.send_multipart(sock.recv_multipart(zmq.NOBLOCK), zmq.NOBLOCK)
+
+    # ---- standing in for a suspended kernel ------------------------------------------------------
+
+    def _do_suspend(self, on_resume: Callable[[], None]) -> None:
+        self._close_upstream()
+        self._state = ProxyState.SUSPENDED
+        self._on_resume = on_resume
+        self._activity = replace(self._activity, attached=False, busy=False, execution_state="idle")
+        held, self._queued = self._queued, deque()
+        for channel, frames in held:  # a cell run while we suspended resumes at once
+            self._stand_in(channel, frames)
+
+    def _stand_in(self, channel: str, frames: list[bytes]) -> None:
+        """Answer, hold, or resume on one request that arrives while no kernel process exists."""
+        assert self._session is not None
+        if channel not in _QUEUED_CHANNELS:
+            return  # stdin: no kernel asked for input
+        try:
+            idents, rest = self._session.feed_identities(frames)
+            msg = self._session.deserialize(rest)
+        except Exception as exc:  # bad signature or not a Jupyter message: drop it
+            log.warning("session proxy: dropped a %s message it could not verify: %s", channel, exc)
+            return
+        msg_type = msg["header"].get("msg_type", "")
+        sock = self._front[channel]
+        if msg_type == "kernel_info_request":
+            self._session.send(sock, "kernel_info_reply", self._kernel_info(), msg, ident=idents)
+            return
+        local = local_replies.local_reply(msg_type, msg.get("content") or {})
+        if local is not None and msg_type != local_replies.RESUMES:
+            self._session.send(sock, local[0], local[1], msg, ident=idents)
+            return
+        self._queue(channel, frames)
+        if msg_type == local_replies.RESUMES:
+            self._activity = replace(self._activity, last_activity=time.time())
+            if self._state is ProxyState.SUSPENDED:
+                self._start_resume(msg)
+
+    def _kernel_info(self) -> dict[str, Any]:
+        content = None
+        if self.kernel_info_reply is not None:
+            content = m.loads(m.signed_frame(self.kernel_info_reply, m.CONTENT))
+        return content or local_replies.default_kernel_info()
+
+    def _start_resume(self, parent: dict[str, Any]) -> None:
+        self._state = ProxyState.RESUMING
+        self._resume_parent = parent
+        self._publish("status", {"execution_state": "busy"}, parent)
+        on_resume = self._on_resume
+        if on_resume is None:
+            self._do_resume_failed("this kernel cannot be resumed (no session to resume it)")
+            return
+        threading.Thread(target=on_resume, name="session-resume", daemon=True).start()
+
+    def _publish(self, msg_type: str, content: dict[str, Any], parent: dict | None) -> None:
+        assert self._session is not None
+        self._session.send(self._front["iopub"], msg_type, content, parent, ident=msg_type.encode())
+
+    def _publish_progress(self, text: str) -> None:
+        if self._resume_parent is not None and self._session is not None:
+            content = {"name": "stdout", "text": text.rstrip("\n") + "\n"}
+            self._publish("stream", content, self._resume_parent)
+
+    def _do_resume_failed(self, text: str) -> None:
+        assert self._session is not None
+        held, self._queued = self._queued, deque()
+        for channel, frames in held:
+            d = m.delim_index(frames)
+            header = m.loads(m.signed_frame(frames, m.HEADER, d))  # verified when it arrived
+            if header is None or header.get("msg_type") != local_replies.RESUMES:
+                continue  # requests that only wait for a kernel are dropped with the cells
+            msg = {"header": header}
+            reply = local_replies.resume_failed_reply(text)
+            self._publish("error", {k: reply[k] for k in ("ename", "evalue", "traceback")}, msg)
+            self._session.send(self._front[channel], "execute_reply", reply, msg, ident=frames[:d])
+            self._publish("status", {"execution_state": "idle"}, msg)
+        self._state = ProxyState.SUSPENDED
+        self._resume_parent = None
 
     # ---- kernel -> frontend ---------------------------------------------------------------------
 

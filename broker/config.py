@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import re
 import sys
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from broker.classes import ClassSession as ClassSession  # re-exported: config's names
+from broker.classes import GroupConfig, check_groups
 from broker.durations import format_duration, parse_duration
 from broker.errors import ConfigError, ConfigIssue
 from broker.toml_check import Checker, LineIndex, dotted, syntax_issue
@@ -29,11 +32,23 @@ _UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F
 DEVICE = re.compile(rf"\d+|GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+")
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
-_TOP_KEYS = ("server", "policy", "hosts")
+_TOP_KEYS = ("server", "policy", "hosts", "groups")
 _SERVER_KEYS = ("listen", "host", "port", "database")
-_POLICY_KEYS = ("heartbeat_interval", "heartbeat_timeout", "queue_timeout")
+# [policy] durations and their defaults (seconds); every one must be more than 0.
+_DURATIONS = {
+    "heartbeat_interval": 10.0,
+    "heartbeat_timeout": 60.0,
+    "queue_timeout": 600.0,
+    "idle_suspend_after": 900.0,
+    "idle_suspend_when_queued": 30.0,
+    "max_lease": 43200.0,
+    "usage_half_life": 86400.0,
+    "checkpoint_max_age": 604800.0,
+    "fence_retry": 30.0,
+}
+_POLICY_KEYS = (*_DURATIONS, "max_leases_per_user", "checkpoint_dir")
 _HOST_KEYS = ("name", "address", "port", "user", "key_file", "known_hosts", "python", "slots")
-_HOST_KEYS += ("drained",)
+_HOST_KEYS += ("drained", "gpus", "kind_map")
 _SLOT_KEYS = ("id", "kind", "device", "simulated", "count")
 
 
@@ -61,6 +76,17 @@ class HostConfig:
     python: str = "python3"
     slots: tuple[SlotConfig, ...] = ()
     drained: bool = False
+    auto_gpus: bool = False  # gpus = "auto": slots come from probing (Config.with_slots)
+    kind_map: tuple[tuple[str, str], ...] = ()  # GPU or MIG name from the probe -> slot kind
+
+    def kind_for(self, gpu_name: str) -> str:
+        """The slot kind of a probed GPU/MIG device named ``gpu_name`` (as NVML names it): from
+        ``kind_map``, else the name lower-cased with other characters than letters, digits and
+        ". _ -" turned into "-" ("NVIDIA A100-SXM4-40GB" -> "nvidia-a100-sxm4-40gb")."""
+        for name, kind in self.kind_map:
+            if name == gpu_name:
+                return kind
+        return re.sub(r"[^a-z0-9._-]+", "-", gpu_name.strip().lower()).strip("-") or "gpu"
 
     def ssh_user(self, username: str) -> str:
         """The SSH login for the Jupyter user ``username`` ("{username}" filled in)."""
@@ -82,11 +108,19 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """Lease timing, in seconds."""
+    """``[policy]``: durations in seconds (docs/configuration.md says what each one does)."""
 
     heartbeat_interval: float = 10.0
     heartbeat_timeout: float = 60.0
     queue_timeout: float = 600.0
+    idle_suspend_after: float = 900.0
+    idle_suspend_when_queued: float = 30.0
+    max_lease: float = 43200.0
+    usage_half_life: float = 86400.0
+    checkpoint_max_age: float = 604800.0
+    fence_retry: float = 30.0
+    max_leases_per_user: int = 4
+    checkpoint_dir: str | None = None  # shared by all hosts: checkpoints need no copy
 
 
 @dataclass(frozen=True)
@@ -106,6 +140,7 @@ class Config:
     server: ServerConfig
     policy: PolicyConfig
     hosts: tuple[HostConfig, ...]
+    groups: tuple[GroupConfig, ...] = ()
 
     @property
     def slots(self) -> tuple[SlotConfig, ...]:
@@ -125,6 +160,36 @@ class Config:
             if slot.id == slot_id:
                 return slot
         raise KeyError(slot_id)
+
+    def group(self, name: str) -> GroupConfig:
+        """The group called ``name``; KeyError if there is none."""
+        for group in self.groups:
+            if group.name == name:
+                return group
+        raise KeyError(name)
+
+    def groups_of(self, user: str) -> tuple[GroupConfig, ...]:
+        """The groups that list ``user`` as a member (empty: an open user), in file order."""
+        return tuple(group for group in self.groups if user in group.members)
+
+    def with_slots(self, host_name: str, slots: Iterable[SlotConfig]) -> Config:
+        """A copy with the slots of host ``host_name`` replaced by ``slots`` (the server calls
+        it after probing a ``gpus = "auto"`` host). KeyError for an unknown host; ValueError
+        for a slot of another host or an id another host already uses."""
+        self.host(host_name)
+        slots = tuple(slots)
+        others = {slot.id for slot in self.slots if slot.host != host_name}
+        seen: set[str] = set()
+        for slot in slots:
+            if slot.host != host_name:
+                raise ValueError(f"slot {slot.id!r} belongs to {slot.host!r}, not {host_name!r}")
+            if slot.id in others or slot.id in seen:
+                raise ValueError(f"duplicate slot id {slot.id!r}")
+            seen.add(slot.id)
+        hosts = tuple(
+            replace(host, slots=slots) if host.name == host_name else host for host in self.hosts
+        )
+        return replace(self, hosts=hosts)
 
 
 def load_config(path: str | Path) -> Config:
@@ -169,9 +234,17 @@ class _Checker(Checker):
         server = self.server(self.table(data, "server", ("server",)), path)
         policy = self.policy(self.table(data, "policy", ("policy",)))
         hosts = self.hosts(data)
-        if server is None or policy is None or hosts is None:
+        kinds: set[str] | None = None
+        slot_kinds: list[str] = []
+        if hosts is not None and not any(host.auto_gpus for host in hosts):
+            slot_kinds = [slot.kind for host in hosts for slot in host.slots]
+            kinds = set(slot_kinds)
+        elif hosts is None:
+            kinds = None  # hosts have problems of their own: do not pile kind errors on them
+        groups = check_groups(self, data, kinds, slot_kinds)
+        if server is None or policy is None or hosts is None or groups is None:
             return None
-        return Config(path=path, server=server, policy=policy, hosts=hosts)
+        return Config(path=path, server=server, policy=policy, hosts=hosts, groups=groups)
 
     def server(self, table: dict, config_path: Path) -> ServerConfig | None:
         path = ("server",)
@@ -212,7 +285,7 @@ class _Checker(Checker):
         path = ("policy",)
         self.known_keys(table, _POLICY_KEYS, path)
         values: dict[str, float | None] = {}
-        for key, default in zip(_POLICY_KEYS, (10.0, 60.0, 600.0), strict=True):
+        for key, default in _DURATIONS.items():
             values[key] = default
             if key in table:
                 try:
@@ -234,9 +307,36 @@ class _Checker(Checker):
                 f"above {format_duration(2 * interval)}",
             )
             return None
-        if None in values.values():
+        after, queued = values["idle_suspend_after"], values["idle_suspend_when_queued"]
+        if after is not None and queued is not None and queued > after:
+            key = (
+                "idle_suspend_when_queued"
+                if "idle_suspend_when_queued" in table
+                else ("idle_suspend_after")
+            )
+            self.issue(
+                (*path, key),
+                f"idle_suspend_when_queued ({format_duration(queued)}) must not be more than "
+                f"idle_suspend_after ({format_duration(after)}): lower it",
+            )
             return None
-        return PolicyConfig(**values)  # type: ignore[arg-type]
+        most = self.typed(table, "max_leases_per_user", path, int, "4")
+        if most is not None and most < 1:
+            self.issue((*path, "max_leases_per_user"), f"must be 1 or more, got {most}")
+            return None
+        checkpoint_dir = self.typed(table, "checkpoint_dir", path, str, '"/shared/checkpoints"')
+        if checkpoint_dir is not None and not checkpoint_dir.strip():
+            self.issue((*path, "checkpoint_dir"), "must not be empty: leave it out instead")
+            return None
+        if None in values.values() or ("max_leases_per_user" in table and most is None):
+            return None
+        if "checkpoint_dir" in table and checkpoint_dir is None:
+            return None
+        return PolicyConfig(
+            **values,  # type: ignore[arg-type]
+            max_leases_per_user=most if most is not None else 4,
+            checkpoint_dir=checkpoint_dir,
+        )
 
     def hosts(self, data: dict) -> tuple[HostConfig, ...] | None:
         raw = data.get("hosts")
@@ -293,7 +393,22 @@ class _Checker(Checker):
         for key, value in (("user", user), ("python", python)):
             if value is not None and not value.strip():
                 self.issue((*path, key), f"{key} must not be empty")
-        slots = self.slots(table, path, name if isinstance(name, str) else "?", slot_ids)
+        gpus = table.get("gpus")
+        auto = gpus == "auto"
+        if gpus is not None and not auto:
+            self.issue(
+                (*path, "gpus"),
+                f'gpus must be "auto" (probe the host), got {gpus!r}: or list [[hosts.slots]]',
+            )
+        elif auto and "slots" in table:
+            self.issue(
+                (*path, "gpus"), 'give either gpus = "auto" or [[hosts.slots]] tables, not both'
+            )
+        kind_map = self.kind_map(table, path)
+        if auto or (gpus is not None and "slots" not in table):
+            slots: tuple | None = ()
+        else:
+            slots = self.slots(table, path, name if isinstance(name, str) else "?", slot_ids)
         if len(self.issues) > before or slots is None:
             return None
         local = address == "local"
@@ -309,12 +424,31 @@ class _Checker(Checker):
             python=python or "python3",
             slots=slots,
             drained=bool(drained),
+            auto_gpus=auto,
+            kind_map=kind_map,
         )
+
+    def kind_map(self, table: dict, path: tuple) -> tuple[tuple[str, str], ...]:
+        raw = self.typed(table, "kind_map", path, dict, '{ "NVIDIA A100-SXM4-40GB" = "a100" }')
+        out = []
+        for gpu_name, kind in (raw or {}).items():
+            if not isinstance(kind, str) or not NAME.fullmatch(kind):
+                self.issue(
+                    (*path, "kind_map", gpu_name),
+                    f"bad kind {kind!r} for {gpu_name!r}: use letters, digits, . _ - only",
+                )
+            else:
+                out.append((gpu_name, kind))
+        return tuple(out)
 
     def slots(self, table: dict, path: tuple, host: str, ids: dict[str, tuple]) -> tuple | None:
         raw = table.get("slots")
         if not raw:
-            self.issue(path, "host without slots: add a [[hosts.slots]] table with kind and device")
+            self.issue(
+                path,
+                "host without slots: add a [[hosts.slots]] table with kind and device, "
+                'or gpus = "auto" to probe the host',
+            )
             return None
         if not isinstance(raw, list) or not all(isinstance(s, dict) for s in raw):
             self.issue(

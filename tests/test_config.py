@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import Config, load_config, parse_config
+from broker.config import ClassSession, Config, SlotConfig, load_config, parse_config
 from broker.durations import format_duration, parse_duration
 from broker.errors import ConfigError, ConfigIssue
 from broker.toml_check import LineIndex
@@ -65,7 +65,7 @@ def line_of(text: str, needle: str, nth: int = 0) -> int:
 # --- examples ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["lab-one-host", "multi-host-mig", "local-simulated"])
+@pytest.mark.parametrize("name", sorted(p.stem for p in EXAMPLES.glob("*.toml")))
 def test_each_example_loads(name: str) -> None:
     config = load_config(EXAMPLES / f"{name}.toml")
     assert isinstance(config, Config) and config.hosts and config.slots
@@ -88,8 +88,19 @@ def test_examples_have_the_promised_shape() -> None:
     ]
 
 
-def test_no_classroom_example_yet() -> None:
-    assert not (EXAMPLES / "classroom.toml").exists()
+def test_examples_cover_the_three_promised_set_ups() -> None:
+    names = {p.stem for p in EXAMPLES.glob("*.toml")}
+    assert {"lab-one-host", "multi-host-mig", "classroom", "local-simulated"} <= names
+    room = load_config(EXAMPLES / "classroom.toml")
+    [group] = room.groups
+    assert group.kinds == ("mig-1g.10gb",) and group.max_slots_per_user == 1
+    assert group.gpu_hours_per_day == 2.0 and group.priority == 10
+    assert group.teachers == {"prof.lee"} and "ana" in group.members
+    [session] = group.sessions
+    assert session == ClassSession(frozenset({0, 2}), 9 * 60, 11 * 60, 5)
+    assert room.groups_of("ana") == (group,) and room.groups_of("zoe") == ()
+    assert room.host("gpu-research").auto_gpus and room.host("gpu-research").slots == ()
+    assert room.policy.checkpoint_dir == "/shared/gpu-checkpoints"
 
 
 # --- a good config ----------------------------------------------------------------------------
@@ -367,3 +378,131 @@ def test_format_duration(seconds: float, text: str) -> None:
 @pytest.mark.parametrize("seconds", [0.001, 1, 59.999, 61, 3599, 86400 * 3 + 7, 123456.789])
 def test_durations_round_trip(seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)
+
+
+# --- policy, groups, probed hosts (issue 3) -------------------------------------------------
+
+GROUP = """
+[[groups]]
+name = "ml101"
+members = ["ana", "ben"]
+teachers = ["prof"]
+kinds = ["a100"]
+gpu_hours_per_day = 1.5
+
+  [[groups.sessions]]
+  days = ["tue"]
+  start = "13:30"
+  end = "15:00"
+  reserved_slots = 2
+"""
+
+
+def test_policy_defaults_and_values() -> None:
+    policy = parse_config(GOOD).policy
+    assert (policy.idle_suspend_after, policy.idle_suspend_when_queued) == (900.0, 30.0)
+    assert (policy.max_lease, policy.usage_half_life, policy.fence_retry) == (
+        43200.0,
+        86400.0,
+        30.0,
+    )
+    assert policy.max_leases_per_user == 4 and policy.checkpoint_max_age == 7 * 86400
+    assert policy.checkpoint_dir is None
+    text = GOOD.replace(
+        'heartbeat_timeout = "1m"',
+        'heartbeat_timeout = "1m"\nidle_suspend_after = "5m"\nmax_leases_per_user = 2\n'
+        'checkpoint_dir = "/shared/ck"',
+    )
+    policy = parse_config(text).policy
+    assert policy.idle_suspend_after == 300 and policy.max_leases_per_user == 2
+    assert policy.checkpoint_dir == "/shared/ck"
+
+
+def test_idle_when_queued_must_not_exceed_idle_after() -> None:
+    text = GOOD.replace(
+        'heartbeat_timeout = "1m"', 'heartbeat_timeout = "1m"\nidle_suspend_when_queued = "1h"'
+    )
+    issue = only_issue(text)
+    assert issue.key == "policy.idle_suspend_when_queued" and issue.line == line_of(text, '"1h"')
+    assert "must not be more than idle_suspend_after (15m)" in issue.message
+
+
+def test_groups_parse() -> None:
+    config = parse_config(GOOD + GROUP)
+    group = config.group("ml101")
+    assert group.members == {"ana", "ben"} and group.teachers == {"prof"}
+    assert group.kinds == ("a100",) and group.max_slots_per_user == 1 and group.priority == 0
+    assert group.gpu_hours_per_day == 1.5
+    assert group.sessions == (ClassSession(frozenset({1}), 13 * 60 + 30, 15 * 60, 2),)
+
+
+@pytest.mark.parametrize(
+    "old, new, key, words",
+    [
+        ('"ana", "ben"', '"ana", "ana"', "groups[0].members", "listed twice"),
+        ('["prof"]', '["prof", 3]', "groups[0].teachers", "non-empty string"),
+        ('kinds = ["a100"]', 'kinds = ["h100"]', "groups[0].kinds", "no slot of kind 'h100'"),
+        (
+            "reserved_slots = 2",
+            "reserved_slots = 3",
+            "groups[0].sessions[0].reserved_slots",
+            "2 slots",
+        ),
+        ('end = "15:00"', 'end = "13:00"', "groups[0].sessions[0].end", "after start"),
+        ('start = "13:30"', 'start = "1:30pm"', "groups[0].sessions[0].start", "HH:MM"),
+        ('["tue"]', '["tues"]', "groups[0].sessions[0].days", "unknown day"),
+        (
+            "gpu_hours_per_day = 1.5",
+            "gpu_hours_per_day = 0",
+            "groups[0].gpu_hours_per_day",
+            "more than 0",
+        ),
+        (
+            'name = "ml101"',
+            'name = "ml101"\nmax_slot_per_user = 2',
+            "groups[0].max_slot_per_user",
+            "did you mean",
+        ),
+    ],
+)
+def test_bad_groups(old: str, new: str, key: str, words: str) -> None:
+    text = GOOD + GROUP.replace(old, new)
+    issue = only_issue(text)
+    assert issue.key == key and words in issue.message
+    assert issue.line == line_of(
+        text, new.split("\n")[-1].split(" = ")[0].strip() if "\n" in new else new
+    )
+
+
+def test_duplicate_group_name() -> None:
+    issue = only_issue(GOOD + GROUP + GROUP.replace("[[groups.sessions]]", "[[groups.sessions]]"))
+    assert issue.key == "groups[1].name" and "duplicate group name" in issue.message
+
+
+def test_auto_gpus_host_and_with_slots() -> None:
+    text = GOOD.replace(
+        '  [[hosts.slots]]\n  kind = "a100"\n  device = "0"\n\n[[hosts]]',
+        'gpus = "auto"\nkind_map = { "NVIDIA A100-SXM4-40GB" = "a100" }\n\n[[hosts]]',
+    )
+    config = parse_config(text + GROUP.replace('["a100"]', '["h100"]'))  # kinds unchecked
+    host = config.host("gpu1")
+    assert (
+        host.auto_gpus
+        and host.slots == ()
+        and host.kind_map == (("NVIDIA A100-SXM4-40GB", "a100"),)
+    )
+    assert host.kind_for("NVIDIA A100-SXM4-40GB") == "a100"
+    assert host.kind_for("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    probed = config.with_slots("gpu1", [SlotConfig("gpu1/0", "gpu1", "a100", "0", False)])
+    assert [s.id for s in probed.slots] == ["gpu1/0", "gpu2/0", "gpu2/1"]
+    assert config.host("gpu1").slots == ()  # the original is unchanged
+    with pytest.raises(ValueError, match="duplicate"):
+        config.with_slots("gpu1", [SlotConfig("gpu2/0", "gpu1", "a100", "0", False)])
+    with pytest.raises(KeyError):
+        config.with_slots("nope", [])
+    both = text.replace(
+        'gpus = "auto"', 'gpus = "auto"\n  [[hosts.slots]]\n  kind = "a"\n  device = "0"'
+    )
+    assert "not both" in only_issue(both).message
+    bad = text.replace('gpus = "auto"', "gpus = 2")
+    assert only_issue(bad).key == "hosts[0].gpus"

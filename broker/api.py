@@ -4,7 +4,8 @@
 is the provisioner's and the CLI's way in. Every handler authenticates in ``prepare`` (401 and
 nothing changes), checks its input (400 naming the field and what is expected), and answers
 JSON; errors are always ``{"error": {"code", "message"}}``, never a traceback. A user touching
-another user's lease gets 403 (admins may touch any lease).
+another user's lease gets 403 (admins may touch any lease; teachers may read their students').
+Admin, checkpoint, usage and metrics endpoints live in ``broker.admin``.
 """
 
 from __future__ import annotations
@@ -18,9 +19,22 @@ from typing import Any
 import tornado.web
 
 from broker import auth
-from broker.auth import Identity
+from broker.auth import Identity, may_act, may_see
 from broker.scheduler import Lease
-from broker.server import BrokerService, LeaseRefused
+from broker.service import BrokerService, LeaseRefused
+from broker.store import CheckpointRow
+from broker.views import checkpoint_json, host_json, lease_json, slot_json, status_json
+
+__all__ = [
+    "ApiError",
+    "BaseHandler",
+    "checkpoint_json",
+    "host_json",
+    "lease_json",
+    "make_app",
+    "slot_json",
+    "status_json",
+]
 
 log = logging.getLogger("broker.api")
 
@@ -30,11 +44,12 @@ MAX_WAIT = 60.0
 class ApiError(Exception):
     """Raised by handlers; rendered as ``{"error": {"code", "message"}}`` with ``status``."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.extra = extra  # more keys of the error object (e.g. "issues" of a bad config)
 
 
 _HTTP_CODES = {
@@ -76,13 +91,21 @@ class BaseHandler(tornado.web.RequestHandler):
         self.identity = identity
 
     def send(self, status: int, body: dict[str, Any]) -> None:
+        """Reply once everything written so far is on disk (group commit, ``Store.flush``)."""
         self.set_status(status)
-        self.finish(json.dumps(body))
+        payload = json.dumps(body)
+        pending = self.service.store.durable_future()
+        if pending is None:
+            self.finish(payload)
+            return
+        self._auto_finish = False
+        pending.add_done_callback(lambda _: self.finish(payload))
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
+        extra: dict[str, Any] = {}
         if isinstance(exc, ApiError):
-            status, code, message = exc.status, exc.code, exc.message
+            status, code, message, extra = exc.status, exc.code, exc.message, exc.extra
         elif isinstance(exc, tornado.web.HTTPError):
             status = exc.status_code
             code = _HTTP_CODES.get(status, "http_error")
@@ -91,8 +114,10 @@ class BaseHandler(tornado.web.RequestHandler):
                 message = f"method {self.request.method} is not allowed on {self.request.path}"
         else:
             status, code, message = 500, "internal", "internal error in the broker (see its log)"
+        self.clear_header("Location")
+        self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_status(status)
-        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+        self.finish(json.dumps({"error": {"code": code, "message": message, **extra}}))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         if isinstance(value, ApiError | tornado.web.HTTPError):
@@ -110,13 +135,23 @@ class BaseHandler(tornado.web.RequestHandler):
             raise ApiError(400, "bad_json", "the request body must be a JSON object")
         return body
 
-    def owned_lease(self, lease_id: str) -> Lease:
+    def owned_lease(self, lease_id: str, act: bool = True) -> Lease:
+        """The lease, if the caller may act on it (``act``) or read it; else 404/403."""
         lease = self.service.lease(lease_id)
         if lease is None:
             raise ApiError(404, "not_found", f"no lease {lease_id!r}")
-        if lease.user != self.identity.user and not self.identity.is_admin:
+        allowed = may_act(self.identity, lease.user) if act else self.may_see(lease.user)
+        if not allowed:
             raise ApiError(403, "forbidden", f"lease {lease_id!r} belongs to another user")
         return lease
+
+    def may_see(self, user: str) -> bool:
+        return may_see(self.service.config, self.identity, user)
+
+    def require_role(self, *roles: str) -> None:
+        if self.identity.role not in roles:
+            need = " or ".join(roles)
+            raise ApiError(403, "forbidden", f"this needs a token with role {need}")
 
     def lease_json(self, lease: Lease) -> dict[str, Any]:
         return lease_json(self.service, lease)
@@ -150,9 +185,17 @@ class LeasesHandler(BaseHandler):
             raise ApiError(400, "bad_request", "field 'kind': expected 1 to 64 characters")
         if len(kernel_id) > 256:
             raise ApiError(400, "bad_request", "field 'kernel_id': expected at most 256 characters")
+        resume_from = _field(body, "resume_from", str, "a kernel id or null", required=False)
+        prefer_host = None
+        if resume_from:
+            row = self.service.store.checkpoint(resume_from)
+            if row is not None and row.user == self.identity.user and row.state == "kept":
+                prefer_host = row.host
         lease_id = uuid.uuid4().hex[:20]
         try:
-            lease = self.service.request_lease(lease_id, self.identity.user, kind, kernel_id)
+            lease = self.service.request_lease(
+                lease_id, self.identity.user, kind, kernel_id, prefer_host=prefer_host
+            )
         except LeaseRefused as exc:
             raise ApiError(400, "unknown_kind", exc.message) from None
         self.set_header("Location", f"/api/v1/leases/{lease.id}")
@@ -163,7 +206,7 @@ class LeaseHandler(BaseHandler):
     """GET (optionally long-polling) and DELETE (release) one lease."""
 
     async def get(self, lease_id: str) -> None:
-        lease = self.owned_lease(lease_id)
+        lease = self.owned_lease(lease_id, act=False)
         raw = self.get_query_argument("wait", "0")
         try:
             wait = float(raw)
@@ -178,9 +221,56 @@ class LeaseHandler(BaseHandler):
         self.send(200, self.lease_json(lease))
 
     def delete(self, lease_id: str) -> None:
+        body = self.json_body()
+        reason = _field(body, "reason", str, '"released" or "suspended"', required=False)
+        reason = reason or "released"
+        if reason not in ("released", "suspended"):
+            raise ApiError(
+                400,
+                "bad_request",
+                f'field \'reason\': expected "released" or "suspended", got {json.dumps(reason)}',
+            )
+        raw = body.get("checkpoint")
+        if raw is not None and reason != "suspended":
+            raise ApiError(400, "bad_request", "field 'checkpoint': only with reason 'suspended'")
         lease = self.owned_lease(lease_id)
-        lease = self.service.release(lease_id) or lease
+        checkpoint = None
+        if raw is not None:
+            checkpoint = self.checkpoint_row(raw, lease)
+        if lease.state not in ("queued", "granted"):
+            checkpoint = None  # an ended lease is returned as it is (idempotent)
+        lease = self.service.release(lease_id, reason, checkpoint) or lease
         self.send(200, self.lease_json(lease))
+
+    def checkpoint_row(self, raw: Any, lease: Lease) -> CheckpointRow:
+        if not isinstance(raw, dict):
+            raise ApiError(
+                400,
+                "bad_request",
+                'field \'checkpoint\': expected an object {"host", "path", "bytes", "kernel_id"}',
+            )
+        host = _field(raw, "host", str, "the host's name in the broker config")
+        path = _field(raw, "path", str, "the checkpoint's path on that host")
+        size = _field(raw, "bytes", int, "the checkpoint's size in bytes (an integer)")
+        kernel_id = _field(raw, "kernel_id", str, "Jupyter's kernel id", required=False)
+        kernel_id = kernel_id or lease.kernel_id
+        if host not in {h.name for h in self.service.config.hosts}:
+            raise ApiError(400, "bad_request", f"field 'checkpoint.host': no host {host!r}")
+        if not path or len(path) > 4096 or "\x00" in path:
+            raise ApiError(400, "bad_request", "field 'checkpoint.path': 1 to 4096 characters")
+        if size < 0 or size > 2**62:
+            raise ApiError(400, "bad_request", "field 'checkpoint.bytes': expected >= 0")
+        if not kernel_id or len(kernel_id) > 256:
+            raise ApiError(400, "bad_request", "field 'checkpoint.kernel_id': 1 to 256 characters")
+        return CheckpointRow(
+            kernel_id=kernel_id,
+            user=lease.user,
+            host=host,
+            path=path,
+            bytes=size,
+            created_at=self.service.clock(),
+            lease_id=lease.id,
+        )
 
 
 class HeartbeatHandler(BaseHandler):
@@ -193,9 +283,9 @@ class HeartbeatHandler(BaseHandler):
         if body.get("last_activity") is not None:
             last_activity = _field(body, "last_activity", float, "unix seconds (a number) or null")
         self.owned_lease(lease_id)
-        lease = self.service.heartbeat(lease_id, busy, last_activity)
+        lease, orders = self.service.heartbeat(lease_id, busy, last_activity)
         assert lease is not None
-        self.send(200, {"lease": self.lease_json(lease), "orders": []})
+        self.send(200, {"lease": self.lease_json(lease), "orders": orders})
 
 
 class StatusHandler(BaseHandler):
@@ -217,6 +307,8 @@ class NotFoundHandler(BaseHandler):
 
 
 def make_app(service: BrokerService) -> tornado.web.Application:
+    from broker.admin import routes as admin_routes  # admin builds on this module
+
     args = {"service": service}
     return tornado.web.Application(
         [
@@ -225,6 +317,7 @@ def make_app(service: BrokerService) -> tornado.web.Application:
             (r"/api/v1/leases/([^/]+)/heartbeat", HeartbeatHandler, args),
             (r"/api/v1/status", StatusHandler, args),
             (r"/api/v1/whoami", WhoamiHandler, args),
+            *admin_routes(args),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,
@@ -244,121 +337,3 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
         handler.request.path,
         1000 * handler.request.request_time(),
     )
-
-
-# -- JSON views ------------------------------------------------------------------------------
-
-
-def slot_json(service: BrokerService, slot_id: str | None) -> dict[str, Any] | None:
-    if slot_id is None:
-        return None
-    try:
-        slot = service.config.slot(slot_id)
-    except KeyError:
-        return {"id": slot_id, "host": None, "kind": None, "device": None, "simulated": None}
-    return {
-        "id": slot.id,
-        "host": slot.host,
-        "kind": slot.kind,
-        "device": slot.device,
-        "simulated": slot.simulated,
-    }
-
-
-def host_json(service: BrokerService, lease: Lease) -> dict[str, Any] | None:
-    """The SSH target for a granted lease; "{username}" filled in, "~" left for the client."""
-    if lease.state != "granted" or lease.slot_id is None:
-        return None
-    host = service.config.host(service.config.slot(lease.slot_id).host)
-    fill = lambda value: None if value is None else value.replace("{username}", lease.user)  # noqa: E731
-    return {
-        "name": host.name,
-        "address": host.address,
-        "port": host.port,
-        "user": host.ssh_user(lease.user),
-        "key_file": fill(host.key_file),
-        "known_hosts": fill(host.known_hosts),
-        "python": host.python,
-    }
-
-
-def lease_json(service: BrokerService, lease: Lease) -> dict[str, Any]:
-    policy = service.config.policy
-    return {
-        "id": lease.id,
-        "user": lease.user,
-        "kind": lease.kind,
-        "kernel_id": lease.kernel_id,
-        "state": lease.state,
-        "position": service.scheduler.position(lease.id) if lease.state == "queued" else None,
-        "queue_length": service.scheduler.queue_length,
-        "slot": slot_json(service, lease.slot_id),
-        "host": host_json(service, lease),
-        "heartbeat_interval": policy.heartbeat_interval,
-        "heartbeat_timeout": policy.heartbeat_timeout,
-        "created_at": lease.created_at,
-        "granted_at": lease.granted_at,
-        "last_heartbeat": lease.last_heartbeat,
-        "busy": lease.busy,
-        "last_activity": lease.last_activity,
-        "ended_at": lease.ended_at,
-        "end_reason": lease.end_reason,
-    }
-
-
-def status_json(service: BrokerService, who: Identity) -> dict[str, Any]:
-    """The pool as ``who`` may see it: other users' names and lease ids only for admins."""
-    scheduler = service.scheduler
-
-    def visible(lease: Lease) -> bool:
-        return who.is_admin or lease.user == who.user
-
-    hosts = []
-    for host in service.config.hosts:
-        entry: dict[str, Any] = {
-            "name": host.name,
-            "drained": host.drained,
-            "slots": [slot.id for slot in host.slots],
-        }
-        if who.is_admin:
-            entry.update(address=host.address, port=host.port)
-        hosts.append(entry)
-    slots = []
-    for slot in scheduler.slots():
-        entry = slot_json(service, slot.id) or {}
-        lease = scheduler.lease(slot.lease_id) if slot.lease_id else None
-        state = "busy" if lease else ("drained" if slot.drained else "free")
-        entry.update(state=state, drained=slot.drained, lease=None)
-        if lease is not None:
-            entry["lease"] = {
-                "id": lease.id if visible(lease) else None,
-                "user": lease.user if visible(lease) else None,
-                "mine": lease.user == who.user,
-                "granted_at": lease.granted_at,
-                "last_heartbeat": lease.last_heartbeat,
-                "busy": lease.busy,
-                "last_activity": lease.last_activity,
-            }
-        slots.append(entry)
-    queue = []
-    for position, lease in enumerate(scheduler.queue(), start=1):
-        queue.append(
-            {
-                "position": position,
-                "kind": lease.kind,
-                "created_at": lease.created_at,
-                "mine": lease.user == who.user,
-                "id": lease.id if visible(lease) else None,
-                "user": lease.user if visible(lease) else None,
-            }
-        )
-    leases = [lease_json(service, lease) for lease in scheduler.leases() if visible(lease)]
-    return {
-        "now": service.clock(),
-        "user": who.user,
-        "role": who.role,
-        "hosts": hosts,
-        "slots": slots,
-        "leases": leases,
-        "queue": queue,
-    }

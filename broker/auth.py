@@ -5,7 +5,11 @@ user, the role ("user" or "admin"), when it was made and whether it is revoked; 
 first 12 hex digits of the hash) and a display prefix (the first 9 characters, ~24 bits of the
 token's 256) so an admin can tell tokens apart and revoke one. ``gpu-broker token create|list|
 revoke`` call ``create_token``/``list_tokens``/``revoke_token``; the API calls ``verify`` on
-every request.
+every request and ``may_see`` to decide whose leases, checkpoints and usage a caller may read.
+
+Roles: a **user** reads and acts on their own leases only; a **teacher** also reads (never acts
+on) the leases, checkpoints and usage of the members of the groups they teach (``[[groups]]``
+``teachers`` in the config); an **admin** reads and acts on everything.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from broker.errors import BrokerError
 from broker.store import Store, TokenRow
 
 TOKEN_PREFIX = "sgpu_"
-ROLES = ("user", "admin")
+ROLES = ("user", "teacher", "admin")
 _DISPLAY = len(TOKEN_PREFIX) + 4
 
 
@@ -35,6 +39,42 @@ class Identity:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_teacher(self) -> bool:
+        return self.role == "teacher"
+
+
+def groups_of(config: object) -> list[tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """(name, members, teachers) of every group in the config (``Config.groups``, if any)."""
+    raw = getattr(config, "groups", None) or ()
+    items = raw.values() if isinstance(raw, dict) else raw
+    out = []
+    for group in items:
+        name = str(getattr(group, "name", ""))
+        members = tuple(sorted(getattr(group, "members", ()) or ()))
+        teachers = tuple(sorted(getattr(group, "teachers", ()) or ()))
+        out.append((name, members, teachers))
+    return out
+
+
+def taught_groups(config: object, who: Identity) -> dict[str, tuple[str, ...]]:
+    """Group name -> members, for the groups ``who`` teaches (a teacher token is needed)."""
+    if not who.is_teacher:
+        return {}
+    return {name: members for name, members, teachers in groups_of(config) if who.user in teachers}
+
+
+def may_see(config: object, who: Identity, user: str) -> bool:
+    """May ``who`` read the leases, checkpoints and usage of ``user``?"""
+    if who.is_admin or who.user == user:
+        return True
+    return any(user in members for members in taught_groups(config, who).values())
+
+
+def may_act(who: Identity, user: str) -> bool:
+    """May ``who`` release, heartbeat or forget what belongs to ``user``? (Teachers only read.)"""
+    return who.is_admin or who.user == user
 
 
 class TokenError(BrokerError):
@@ -52,7 +92,7 @@ def new_token() -> str:
 def create_token(store: Store, user: str, role: str = "user") -> tuple[str, TokenRow]:
     """Make a token for ``user``; return it (shown once, never stored) and its stored row."""
     if role not in ROLES:
-        raise TokenError(f"unknown role {role!r}", hint="use --role user or --role admin")
+        raise TokenError(f"unknown role {role!r}", hint="use --role user, teacher or admin")
     if not user or not user.strip() or any(c.isspace() for c in user):
         raise TokenError(f"bad user name {user!r}", hint="give the Jupyter user's login name")
     token = new_token()

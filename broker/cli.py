@@ -1,4 +1,5 @@
-"""``gpu-broker``: serve, check a config, show the pool, manage tokens.
+"""``gpu-broker``: serve, check a config, show the pool, manage tokens, and the admin commands
+that talk to a running broker (drain/undrain, reset-slot, reload, usage).
 
 Every user mistake (bad config path, broker down, bad token) prints one clear message to stderr
 and exits 1; never a traceback. Usage errors exit 2 (argparse).
@@ -48,18 +49,36 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file", metavar="FILE")
     check.set_defaults(func=cmd_check_config)
 
-    status = sub.add_parser("status", help="show slots and leases")
+    status = sub.add_parser("status", help="show slots, leases and suspended kernels")
     status.add_argument("--json", action="store_true", help="print the raw JSON")
-    status.add_argument("--url", help="broker URL (default: from --config)")
-    status.add_argument("--config", metavar="FILE", help="config file, for the URL")
+    _remote_args(status)
     status.set_defaults(func=cmd_status)
+
+    for name, helptext in (("drain", "no new leases on HOST"), ("undrain", "undo drain")):
+        cmd = sub.add_parser(name, help=helptext + " (admin token; persisted)")
+        cmd.add_argument("host", metavar="HOST")
+        _remote_args(cmd)
+        cmd.set_defaults(func=cmd_drain, drained=name == "drain")
+    reset = sub.add_parser("reset-slot", help="free a slot stuck unreachable (admin token)")
+    reset.add_argument("slot", metavar="SLOT_ID")
+    _remote_args(reset)
+    reset.set_defaults(func=cmd_reset_slot)
+    reload = sub.add_parser("reload", help="make the broker load its config again (admin)")
+    _remote_args(reload)
+    reload.set_defaults(func=cmd_reload)
+    usage = sub.add_parser("usage", help="GPU-hours, leases, suspends per user and group")
+    usage.add_argument("--group", help="only this group (teachers: a group they teach)")
+    usage.add_argument("--since", help='unix seconds, a date (2024-09-01) or "7d" back')
+    usage.add_argument("--csv", action="store_true", help="CSV instead of a table")
+    _remote_args(usage)
+    usage.set_defaults(func=cmd_usage)
 
     token = sub.add_parser("token", help="create, list, revoke API tokens")
     tsub = token.add_subparsers(metavar="ACTION")
     create = tsub.add_parser("create", help="create a token (printed once)")
     create.add_argument("--config", required=True, metavar="FILE")
     create.add_argument("--user", required=True)
-    create.add_argument("--role", choices=("user", "admin"), default="user")
+    create.add_argument("--role", choices=("user", "teacher", "admin"), default="user")
     create.add_argument("--output", metavar="FILE", help="write the token here (mode 0600)")
     create.set_defaults(func=cmd_token_create)
     listing = tsub.add_parser("list", help="list tokens (ids and prefixes, never the tokens)")
@@ -70,6 +89,35 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("token", metavar="TOKEN_PREFIX_OR_ID")
     revoke.set_defaults(func=cmd_token_revoke)
     return parser
+
+
+def _remote_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="broker URL (default: from --config)")
+    parser.add_argument("--config", metavar="FILE", help="config file, for the URL")
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="token file (default: $SHARED_GPU_TOKEN, then ~/.config/jupyter-shared-gpu/token)",
+    )
+
+
+def _client(args: argparse.Namespace) -> Any:
+    """A BrokerClient for --url / --config / $SHARED_GPU_BROKER_URL and the token."""
+    from broker.client import BrokerClient, read_token
+
+    if args.url:
+        url = args.url
+    elif args.config:
+        server = _load(args.config).server
+        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
+        url = f"http://{host}:{server.port}"
+    else:
+        url = os.environ.get("SHARED_GPU_BROKER_URL", "http://127.0.0.1:8765")
+    if args.token_file:
+        token, source = read_token(env_var="", token_file=args.token_file)
+    else:
+        token, source = read_token()
+    return BrokerClient(url, token, token_source=source)
 
 
 def _load(path: str) -> Any:
@@ -121,18 +169,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from broker.client import BrokerClient, read_token
-
-    if args.url:
-        url = args.url
-    elif args.config:
-        server = _load(args.config).server
-        host = "127.0.0.1" if server.host in ("0.0.0.0", "::", "") else server.host
-        url = f"http://{host}:{server.port}"
-    else:
-        url = os.environ.get("SHARED_GPU_BROKER_URL", "http://127.0.0.1:8765")
-    token, source = read_token()
-    with BrokerClient(url, token, token_source=source) as client:
+    with _client(args) as client:
         status = client.status()
     if args.json:
         print(json.dumps(status, indent=2, sort_keys=True))
@@ -142,13 +179,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """The status table: one row per slot, then the queue."""
+    """The status table: one row per slot, then suspended kernels, then the queue."""
     now = float(status.get("now") or time.time())
-    rows = [("HOST", "SLOT", "KIND", "DEVICE", "STATE", "USER", "LEASE AGE", "IDLE FOR")]
+    rows = [("HOST", "SLOT", "KIND", "USER", "STATE", "IDLE FOR", "LEASE AGE", "DEVICE")]
     for slot in status.get("slots", []):
         lease = slot.get("lease") or {}
         user = lease.get("user") or ("(other)" if lease else "-")
-        age = _age(now, lease.get("granted_at"))
         if not lease:
             idle = "-"
         elif lease.get("busy"):
@@ -160,18 +196,29 @@ def format_status(status: dict[str, Any]) -> str:
                 str(slot.get("host")),
                 str(slot.get("id")),
                 str(slot.get("kind")),
-                str(slot.get("device")),
-                str(slot.get("state")),
                 user,
-                age,
+                str(slot.get("state")),
                 idle,
+                _age(now, lease.get("granted_at")),
+                str(slot.get("device")),
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in rows
-    ]
+    lines = _table(rows)
+    checkpoints = status.get("checkpoints") or []
+    if checkpoints:
+        lines += ["", f"suspended kernels: {len(checkpoints)}"]
+        ck_rows = [("HOST", "KERNEL", "USER", "CHECKPOINT", "SUSPENDED FOR")]
+        for ck in checkpoints:
+            ck_rows.append(
+                (
+                    str(ck.get("host")),
+                    str(ck.get("kernel_id")),
+                    str(ck.get("user")),
+                    format_bytes(int(ck.get("bytes") or 0)),
+                    _age(now, ck.get("created_at")),
+                )
+            )
+        lines += ["  " + line for line in _table(ck_rows)]
     queue = status.get("queue", [])
     lines.append("")
     lines.append(f"queue: {len(queue)} waiting")
@@ -180,6 +227,92 @@ def format_status(status: dict[str, Any]) -> str:
         waited = _age(now, entry.get("created_at"))
         lines.append(f"  {entry.get('position')}. {who} wants {entry.get('kind')} ({waited})")
     return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    ]
+
+
+def format_bytes(size: int) -> str:
+    """1536 -> "1.5 KiB"."""
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.drain(args.host, args.drained)
+    states = ", ".join(f"{s['id']} {s['state']}" for s in reply.get("slots", []))
+    word = "drained" if reply.get("drained") else "undrained"
+    print(f"host {reply.get('host')} {word} ({states})")
+    return 0
+
+
+def cmd_reset_slot(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.reset_slot(args.slot)
+    print(f"slot {reply.get('slot')}: {reply.get('state')}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from broker.errors import BrokerRequestError
+
+    with _client(args) as client:
+        try:
+            reply = client.reload()
+        except BrokerRequestError as exc:
+            if exc.code != "bad_config":
+                raise
+            print(f"gpu-broker: {exc.message}", file=sys.stderr)
+            return 1
+    print(f"reloaded {reply.get('path')}: {reply.get('hosts')} hosts, {reply.get('slots')} slots")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        report = client.usage(since=args.since, group=args.group, csv=args.csv)
+    if args.csv:
+        sys.stdout.write(report)
+        return 0
+    rows = [("USER", "GROUPS", "GPU-HOURS", "LEASES", "SUSPENDS")]
+    for row in report.get("users", []):
+        groups = ",".join(row.get("groups", [])) or "-"
+        rows.append(
+            (
+                row["user"],
+                groups,
+                f"{row['gpu_hours']:.2f}",
+                str(row["leases"]),
+                str(row["suspends"]),
+            )
+        )
+    lines = _table(rows)
+    if report.get("groups"):
+        grows = [("GROUP", "MEMBERS", "ACTIVE", "GPU-HOURS", "LEASES", "SUSPENDS")]
+        for row in report["groups"]:
+            grows.append(
+                (
+                    row["group"],
+                    str(row["members"]),
+                    str(row["active"]),
+                    f"{row['gpu_hours']:.2f}",
+                    str(row["leases"]),
+                    str(row["suspends"]),
+                )
+            )
+        lines += ["", *_table(grows)]
+    print("\n".join(lines))
+    return 0
 
 
 def _age(now: float, since: float | None) -> str:

@@ -136,9 +136,13 @@ class BrokerClient:
 
     # -- API -------------------------------------------------------------------------------
 
-    def request_lease(self, kind: str, kernel_id: str) -> Lease:
-        """Ask for a slot: the lease comes back granted or queued (then poll ``get_lease``)."""
-        body = {"kind": kind, "kernel_id": kernel_id}
+    def request_lease(self, kind: str, kernel_id: str, resume_from: str | None = None) -> Lease:
+        """Ask for a slot: the lease comes back granted or queued (then poll ``get_lease``).
+        ``resume_from``: a suspended kernel's id; a free slot on its checkpoint's host is
+        preferred (no copy needed)."""
+        body: dict[str, Any] = {"kind": kind, "kernel_id": kernel_id}
+        if resume_from:
+            body["resume_from"] = resume_from
         return Lease.from_json(self._call("POST", "/api/v1/leases", body))
 
     def get_lease(self, lease_id: str, wait: float = 0) -> Lease:
@@ -153,9 +157,55 @@ class BrokerClient:
         data = self._call("POST", path, {"busy": busy, "last_activity": last_activity})
         return HeartbeatReply(Lease.from_json(data["lease"]), list(data.get("orders") or []))
 
-    def release(self, lease_id: str) -> Lease:
+    def release(
+        self, lease_id: str, reason: str = "released", checkpoint: dict[str, Any] | None = None
+    ) -> Lease:
+        """End the lease. ``reason="suspended"`` with ``checkpoint`` ({"host", "path",
+        "bytes", "kernel_id"}): the kernel saved its state there; the broker remembers it."""
         path = f"/api/v1/leases/{urllib.parse.quote(lease_id, safe='')}"
-        return Lease.from_json(self._call("DELETE", path))
+        body: dict[str, Any] | None = None
+        if reason != "released" or checkpoint is not None:
+            body = {"reason": reason}
+            if checkpoint is not None:
+                body["checkpoint"] = checkpoint
+        return Lease.from_json(self._call("DELETE", path, body))
+
+    def checkpoints(self, kernel_id: str | None = None) -> list[dict[str, Any]]:
+        """Checkpoints this token may see (one kernel's with ``kernel_id``); an expired one has
+        ``state`` "expired" and a ``message`` for the user."""
+        path = "/api/v1/checkpoints"
+        if kernel_id is not None:
+            path += "?" + urllib.parse.urlencode({"kernel_id": kernel_id})
+        return list(self._call("GET", path)["checkpoints"])
+
+    def forget_checkpoint(self, kernel_id: str) -> dict[str, Any]:
+        """The provisioner calls it after a resume or a shutdown."""
+        return self._call("DELETE", f"/api/v1/checkpoints/{urllib.parse.quote(kernel_id, safe='')}")
+
+    def drain(self, host: str, drained: bool = True) -> dict[str, Any]:
+        action = "drain" if drained else "undrain"
+        return self._call("POST", f"/api/v1/hosts/{urllib.parse.quote(host, safe='')}/{action}")
+
+    def reset_slot(self, slot_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/api/v1/slots/{urllib.parse.quote(slot_id, safe='/')}/reset")
+
+    def reload(self) -> dict[str, Any]:
+        return self._call("POST", "/api/v1/admin/reload")
+
+    def usage(
+        self, since: str | float | None = None, group: str | None = None, csv: bool = False
+    ) -> Any:
+        """The usage report: a dict, or CSV text with ``csv=True``."""
+        query: dict[str, str] = {"format": "csv" if csv else "json"}
+        if since is not None:
+            query["since"] = str(since)
+        if group is not None:
+            query["group"] = group
+        path = "/api/v1/usage?" + urllib.parse.urlencode(query)
+        return self._call("GET", path, text=csv)
+
+    def metrics(self) -> str:
+        return self._call("GET", "/metrics", text=True)
 
     def status(self) -> dict[str, Any]:
         """The pool as this token may see it (raw JSON: hosts, slots, leases, queue)."""
@@ -185,7 +235,12 @@ class BrokerClient:
         return conn
 
     def _call(
-        self, method: str, path: str, body: dict | None = None, timeout: float | None = None
+        self,
+        method: str,
+        path: str,
+        body: dict | None = None,
+        timeout: float | None = None,
+        text: bool = False,
     ) -> Any:
         timeout = self.timeout if timeout is None else timeout
         payload = json.dumps(body).encode() if body is not None else None
@@ -216,6 +271,8 @@ class BrokerClient:
                 raise self._unreachable(str(reason)) from None
         if response.getheader("Connection", "").lower() == "close":
             self.close()
+        if text and 200 <= response.status < 300:
+            return raw.decode("utf-8", errors="replace")
         return self._decode(response.status, raw)
 
     def _unreachable(self, reason: str) -> BrokerUnreachable:

@@ -1,186 +1,82 @@
-"""The broker daemon: the service that ties scheduler, store and clock together, and the server.
-
-``BrokerService`` is what the HTTP handlers (``broker.api``) call: it turns a request into a
-scheduler event with ``now`` from its clock, persists the decisions in one store transaction,
-and wakes long-polls waiting on the leases that changed. ``BrokerServer`` runs it on a tornado
-IOLoop (``gpu-broker serve`` through ``serve()``, tests through ``start_in_thread()``), with a
-periodic ``Tick`` driving heartbeat expiry and queue timeouts.
+"""The broker daemon: ``BrokerServer`` runs one ``BrokerService`` (``broker.service``) on a
+tornado IOLoop: ``gpu-broker serve`` through ``serve()``, tests through ``start_in_thread()``, with
+a periodic ``Tick`` driving heartbeat expiry, queue timeouts, idle suspends, fencing retries and
+checkpoint expiry. ``reload_config`` (SIGHUP, ``POST /api/v1/admin/reload``) loads the config file
+again and swaps it in without dropping a lease; a bad file is rejected and the old config stays.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import datetime
+import getpass
 import logging
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import tornado.httpserver
 import tornado.ioloop
-import tornado.locks
 import tornado.netutil
-import tornado.util
 
-from broker.config import Config
-from broker.errors import BrokerError
-from broker.scheduler import (
-    Decision,
-    Dropped,
-    Event,
-    Expired,
-    Granted,
-    Heartbeat,
-    Lease,
-    Policy,
-    Queued,
-    Refused,
-    Release,
-    Released,
-    RequestLease,
-    Scheduler,
-    SlotState,
-    Tick,
-)
+from broker.config import Config, load_config
+from broker.errors import ConfigError
+from broker.service import MAX_LEASES_PER_USER, BrokerService, LeaseRefused
 from broker.store import Store
+
+__all__ = [
+    "MAX_LEASES_PER_USER",
+    "BrokerServer",
+    "BrokerService",
+    "LeaseRefused",
+    "load_for_serve",
+    "reload_config",
+    "serve",
+]
 
 log = logging.getLogger("broker")
 
-MAX_LEASES_PER_USER = 4
+
+def resolve_auto_hosts(config: Config) -> Config:
+    """Probe ``gpus = "auto"`` hosts (``broker.discovery``) and fill in their slots."""
+    try:
+        from broker.discovery import discover_slots
+    except ImportError:
+        return config
+    for host in config.hosts:
+        if getattr(host, "auto_gpus", False):
+            slots = discover_slots(host, getpass.getuser())
+            config = config.with_slots(host.name, slots)  # type: ignore[attr-defined]
+    return config
 
 
-class LeaseRefused(BrokerError):
-    """A lease request that can never be granted (e.g. a kind the pool does not have)."""
+def load_for_serve(path: str | Path) -> Config:
+    """Read, check and complete (auto hosts probed) the config; raises ConfigError and, for a
+    host that cannot be probed, SharedGPUError."""
+    return resolve_auto_hosts(load_config(path))
 
 
-class BrokerService:
-    """State and rules of one running broker. Single-threaded: call it from its IOLoop only."""
-
-    def __init__(
-        self,
-        config: Config,
-        store: Store,
-        clock: Callable[[], float] = time.time,
-        max_leases_per_user: int = MAX_LEASES_PER_USER,
-    ) -> None:
-        self.config = config
-        self.store = store
-        self.clock = clock
-        slots = [
-            SlotState(s.id, s.host, s.kind, drained=config.host(s.host).drained)
-            for s in config.slots
-        ]
-        policy = Policy(
-            heartbeat_timeout=config.policy.heartbeat_timeout,
-            queue_timeout=config.policy.queue_timeout,
-            max_leases_per_user=max_leases_per_user,
-        )
-        self.scheduler = Scheduler(slots, policy, next_seq=store.max_seq() + 1)
-        self._changed: dict[str, tornado.locks.Event] = {}
-        now = clock()
-        live = store.live_leases()
-        decisions = self.scheduler.restore(live, now)
-        with store.transaction():
-            for lease in self.scheduler.leases():
-                store.put_lease(lease)
-            self._log_decisions(decisions, now)
-            store.log(now, "broker_started", restored=len(live))
-
-    # -- what the API calls ----------------------------------------------------------------
-
-    def lease(self, lease_id: str) -> Lease | None:
-        """The lease, live (from memory) or ended (from the store)."""
-        return self.scheduler.lease(lease_id) or self.store.get_lease(lease_id)
-
-    def request_lease(self, lease_id: str, user: str, kind: str, kernel_id: str) -> Lease:
-        decisions = self._apply(RequestLease(lease_id, user, kind, kernel_id, self.clock()))
-        for decision in decisions:
-            if isinstance(decision, Refused):
-                raise LeaseRefused(decision.reason)
-        lease = self.scheduler.lease(lease_id)
-        assert lease is not None
-        return lease
-
-    def release(self, lease_id: str) -> Lease | None:
-        self._apply(Release(lease_id, self.clock()))
-        return self.lease(lease_id)
-
-    def heartbeat(self, lease_id: str, busy: bool, last_activity: float | None) -> Lease | None:
-        self._apply(Heartbeat(lease_id, self.clock(), busy, last_activity))
-        return self.lease(lease_id)
-
-    def tick(self) -> list[Decision]:
-        return self._apply(Tick(self.clock()))
-
-    async def wait_for_change(self, lease_id: str, timeout: float) -> None:
-        """Return when ``lease_id`` changes (state, slot, queue position) or after ``timeout``."""
-        event = self._changed.get(lease_id)
-        if event is None:
-            event = self._changed[lease_id] = tornado.locks.Event()
-        with contextlib.suppress(tornado.util.TimeoutError):
-            await event.wait(timeout=datetime.timedelta(seconds=timeout))
-
-    # -- internals -------------------------------------------------------------------------
-
-    def _apply(self, event: Event) -> list[Decision]:
-        """One event: scheduler decides, store commits decisions and lease rows together."""
-        queue_before = self.scheduler.queue_length
-        snapshot = self.scheduler.snapshot()
-        try:
-            decisions = self._decide_and_commit(event)
-        except BaseException:
-            self.scheduler.rollback(snapshot)  # memory and disk stay the same
-            raise
-        touched = dict.fromkeys(d.lease_id for d in decisions)
-        if not isinstance(event, Tick):
-            touched[event.lease_id] = None
-        left_queue = any(isinstance(d, Granted | Released | Dropped) for d in decisions)
-        if left_queue or self.scheduler.queue_length != queue_before:
-            touched.update(dict.fromkeys(lease.id for lease in self.scheduler.queue()))
-        for lease_id in touched:
-            waiter = self._changed.pop(lease_id, None)
-            if waiter is not None:
-                waiter.set()
-        return decisions
-
-    def _decide_and_commit(self, event: Event) -> list[Decision]:
-        decisions = self.scheduler.handle(event)
-        now = event.now
-        touched: dict[str, None] = {}
-        if not isinstance(event, Tick):
-            touched[event.lease_id] = None
-        for decision in decisions:
-            touched[decision.lease_id] = None
-        if not decisions and isinstance(event, Tick):
-            return decisions
-        with self.store.transaction():
-            if isinstance(event, RequestLease) and self.scheduler.lease(event.lease_id):
-                self.store.log(now, "requested", event.lease_id, event.user, kind=event.kind)
-            for lease_id in touched:
-                lease = self.scheduler.lease(lease_id)
-                if lease is not None:
-                    self.store.put_lease(lease)
-            self._log_decisions(decisions, now)
-        return decisions
-
-    def _log_decisions(self, decisions: list[Decision], now: float) -> None:
-        for decision in decisions:
-            if isinstance(decision, Granted):
-                self.store.log(now, "granted", decision.lease_id, slot=decision.slot_id)
-            elif isinstance(decision, Queued):
-                self.store.log(now, "queued", decision.lease_id, position=decision.position)
-            elif isinstance(decision, Released):
-                self.store.end_lease(decision.lease_id, "released", now, "released")
-                self.store.log(now, "released", decision.lease_id, slot=decision.slot_id)
-            elif isinstance(decision, Expired):
-                self.store.end_lease(decision.lease_id, "expired", now, "heartbeat_timeout")
-                self.store.log(now, "expired", decision.lease_id, slot=decision.slot_id)
-            elif isinstance(decision, Dropped):
-                self.store.end_lease(decision.lease_id, "expired", now, decision.reason)
-                self.store.log(now, "dropped", decision.lease_id, reason=decision.reason)
+async def reload_config(service: BrokerService) -> Config:
+    """Load the service's config file again (in a thread: probing may use SSH) and swap it in.
+    A bad file raises ConfigError, each issue is logged, and the old config stays."""
+    loop = asyncio.get_running_loop()
+    try:
+        config = await loop.run_in_executor(None, load_for_serve, service.config.path)
+    except ConfigError as exc:
+        log.error("reload rejected, the old config stays: %d problem(s)", len(exc.issues))
+        for issue in exc.issues:
+            log.error("  %s", issue)
+        raise
+    service.reconfigure(config)
+    log.info(
+        "config reloaded from %s: %d hosts, %d slots",
+        config.path,
+        len(config.hosts),
+        len(config.slots),
+    )
+    return config
 
 
 class BrokerServer:
@@ -196,8 +92,10 @@ class BrokerServer:
         tick_interval: float = 1.0,
         synchronous: str = "FULL",
         clock: Callable[[], float] = time.time,
+        group_commit: bool = True,
     ) -> None:
         self.config = config
+        self.group_commit = group_commit
         self.host = host if host is not None else config.server.host
         self.port = port if port is not None else config.server.port
         self.tick_interval = tick_interval
@@ -221,6 +119,7 @@ class BrokerServer:
         from broker.api import make_app  # api imports this module
 
         self._store = Store(self.config.server.database, synchronous=self.synchronous)
+        self._store.group_commit = self.group_commit
         self.service = BrokerService(self.config, self._store, clock=self.clock)
         sockets = tornado.netutil.bind_sockets(self.port, self.host, family=socket.AF_UNSPEC)
         self.port = sockets[0].getsockname()[1]
@@ -245,6 +144,8 @@ class BrokerServer:
         if self._http is not None:
             self._http.stop()
             await asyncio.wait_for(self._http.close_all_connections(), timeout=5)
+        if self.service is not None:
+            self.service.close()
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -319,8 +220,23 @@ def serve(config: Config, tick_interval: float = 1.0) -> None:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
+        assert server.service is not None
+        service = server.service
+
+        def on_hup() -> None:
+            log.info("gpu-broker: SIGHUP, reloading %s", service.config.path)
+            task = loop.create_task(reload_config(service))
+            task.add_done_callback(_reload_done)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         await stop.wait()
         log.info("gpu-broker: stopping (signal received)")
         await server.stop()
 
     asyncio.run(main())
+
+
+def _reload_done(task: asyncio.Task) -> None:
+    exc = task.exception()
+    if exc is not None and not isinstance(exc, ConfigError):
+        log.error("reload failed, the old config stays: %s", exc)

@@ -15,7 +15,10 @@ both).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -24,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.scheduler import Lease
+
+log = logging.getLogger("broker.store")
 
 SCHEMA_VERSION = 1
 
@@ -55,6 +60,31 @@ CREATE TABLE IF NOT EXISTS tokens (
     created_at REAL NOT NULL,
     revoked INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS host_state (
+    host TEXT PRIMARY KEY,
+    drained INTEGER NOT NULL,
+    changed_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    kernel_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    host TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    lease_id TEXT,
+    state TEXT NOT NULL DEFAULT 'kept',
+    expired_at REAL
+);
+CREATE TABLE IF NOT EXISTS fences (
+    slot_id TEXT PRIMARY KEY,
+    lease_id TEXT,
+    host TEXT NOT NULL,
+    kernel_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    since REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_ended ON leases (ended_at);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -69,6 +99,35 @@ _LEASE_COLUMNS = (
     "id, seq, user, kind, kernel_id, state, slot_id, created_at, granted_at, last_heartbeat, "
     "busy, last_activity, ended_at, end_reason"
 )
+
+_CKPT_COLUMNS = "kernel_id, user, host, path, bytes, created_at, lease_id, state, expired_at"
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """Where a suspended kernel's checkpoint lives (on ``host``, at ``path``)."""
+
+    kernel_id: str
+    user: str
+    host: str
+    path: str
+    bytes: int
+    created_at: float
+    lease_id: str | None = None
+    state: str = "kept"  # "kept" | "expired" (deleted on its host after checkpoint_max_age)
+    expired_at: float | None = None
+
+
+@dataclass(frozen=True)
+class FenceRow:
+    """A slot whose last kernel must be killed before the slot is granted again."""
+
+    slot_id: str
+    lease_id: str | None
+    host: str
+    kernel_id: str
+    user: str
+    since: float
 
 
 @dataclass(frozen=True)
@@ -97,6 +156,9 @@ class Store:
             self.path, isolation_level=None, check_same_thread=False, timeout=10.0
         )
         self._lock = threading.RLock()
+        self.group_commit = False  # the server turns it on (see ``transaction``)
+        self._open = False
+        self._waiters: list[asyncio.Future] = []
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -111,19 +173,68 @@ class Store:
 
     def close(self) -> None:
         with self._lock:
+            if self._open:
+                self.flush()
             self._db.close()
 
     @contextmanager
     def transaction(self) -> Iterator[Store]:
-        """``with store.transaction():`` everything inside commits together, or rolls back."""
+        """``with store.transaction():`` everything inside commits together, or rolls back.
+
+        With ``group_commit`` on and an event loop running (the server), the block is a
+        SAVEPOINT inside one transaction per loop iteration: it still rolls back alone, but
+        the COMMIT (the fsync) happens once for every event of the iteration, at its end
+        (``flush``). Replies wait for it (``durable_future``): nothing is answered before
+        it is on disk."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            loop = _running_loop() if self.group_commit else None
+            if loop is None:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+                return
+            if not self._open:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._open = True
+                loop.call_soon(self.flush)
+            self._db.execute("SAVEPOINT event")
             try:
                 yield self
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._db.execute("ROLLBACK TO event")
+                self._db.execute("RELEASE event")
                 raise
-            self._db.execute("COMMIT")
+            self._db.execute("RELEASE event")
+
+    def flush(self) -> None:
+        """Commit the open group transaction (end of a loop iteration) and wake the replies
+        that waited for it. A failed COMMIT leaves memory ahead of the disk: the broker must
+        restart from the disk, so the process exits (no client saw the lost changes)."""
+        with self._lock:
+            if not self._open:
+                return
+            waiters, self._waiters = self._waiters, []
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                log.critical("COMMIT failed (%s): exiting so a restart reloads the disk", exc)
+                os._exit(70)
+            self._open = False
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def durable_future(self) -> asyncio.Future | None:
+        """A future done once what was written so far is committed; None when it already is."""
+        if not self._open:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        return future
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -177,6 +288,96 @@ class Store:
         with self._lock:
             (value,) = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM leases").fetchone()
         return int(value)
+
+    def ended_leases(self, since: float) -> list[Lease]:
+        """Leases that were granted and ended at or after ``since`` (usage reports)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE ended_at >= ? "
+                "AND granted_at IS NOT NULL ORDER BY seq",
+                (since,),
+            ).fetchall()
+        return [_lease(row) for row in rows]
+
+    # -- admin state: drained hosts, pending fences ----------------------------------------
+
+    def set_drained(self, host: str, drained: bool, now: float) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO host_state (host, drained, changed_at) VALUES (?, ?, ?)",
+            (host, int(drained), now),
+        )
+
+    def drained_hosts(self) -> dict[str, bool]:
+        """Host -> drained, as an admin last set it (overrides the config's ``drained``)."""
+        with self._lock:
+            rows = self._db.execute("SELECT host, drained FROM host_state").fetchall()
+        return {host: bool(drained) for host, drained in rows}
+
+    def put_fence(self, row: FenceRow) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO fences (slot_id, lease_id, host, kernel_id, user, since) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (row.slot_id, row.lease_id, row.host, row.kernel_id, row.user, row.since),
+        )
+
+    def drop_fence(self, slot_id: str) -> None:
+        self._db.execute("DELETE FROM fences WHERE slot_id = ?", (slot_id,))
+
+    def fences(self) -> list[FenceRow]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT slot_id, lease_id, host, kernel_id, user, since FROM fences"
+            ).fetchall()
+        return [FenceRow(*row) for row in rows]
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def put_checkpoint(self, row: CheckpointRow) -> None:
+        self._db.execute(
+            f"INSERT OR REPLACE INTO checkpoints ({_CKPT_COLUMNS}) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                row.kernel_id,
+                row.user,
+                row.host,
+                row.path,
+                row.bytes,
+                row.created_at,
+                row.lease_id,
+                row.state,
+                row.expired_at,
+            ),
+        )
+
+    def checkpoint(self, kernel_id: str) -> CheckpointRow | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_CKPT_COLUMNS} FROM checkpoints WHERE kernel_id = ?", (kernel_id,)
+            ).fetchone()
+        return CheckpointRow(*row) if row else None
+
+    def checkpoints(self, state: str | None = None) -> list[CheckpointRow]:
+        query = f"SELECT {_CKPT_COLUMNS} FROM checkpoints"
+        args: tuple = ()
+        if state is not None:
+            query, args = query + " WHERE state = ?", (state,)
+        with self._lock:
+            rows = self._db.execute(query + " ORDER BY created_at", args).fetchall()
+        return [CheckpointRow(*row) for row in rows]
+
+    def expire_checkpoint(self, kernel_id: str, now: float) -> None:
+        self._db.execute(
+            "UPDATE checkpoints SET state = 'expired', expired_at = ? WHERE kernel_id = ?",
+            (now, kernel_id),
+        )
+
+    def forget_checkpoint(self, kernel_id: str) -> None:
+        self._db.execute("DELETE FROM checkpoints WHERE kernel_id = ?", (kernel_id,))
+
+    def data_version(self) -> int:
+        """Changes when ANOTHER connection commits (e.g. ``gpu-broker token revoke``)."""
+        with self._lock:
+            return int(self._db.execute("PRAGMA data_version").fetchone()[0])
 
     # -- audit log -------------------------------------------------------------------------
 
@@ -260,3 +461,10 @@ def _lease(row: tuple) -> Lease:
 def _token(row: tuple) -> TokenRow:
     token_id, digest, prefix, user, role, created_at, revoked = row
     return TokenRow(token_id, digest, prefix, user, role, created_at, bool(revoked))
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

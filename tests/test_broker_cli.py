@@ -90,7 +90,7 @@ def test_status_table(tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -
         assert main(["status", "--url", url]) == 0
         out = capsys.readouterr().out
         header, *rows = out.splitlines()
-        assert header.split()[:5] == ["HOST", "SLOT", "KIND", "DEVICE", "STATE"]
+        assert header.split()[:7] == ["HOST", "SLOT", "KIND", "USER", "STATE", "IDLE", "FOR"]
         assert any("gpu2/mig0" in row and "busy" in row and "alice" in row for row in rows)
         assert any("gpu1/0" in row and "free" in row for row in rows)
         assert "queue: 1 waiting" in out

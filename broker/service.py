@@ -1,0 +1,526 @@
+"""``BrokerService``: the scheduler, the store and the clock tied together, on one IOLoop.
+
+The HTTP handlers (``broker.api``, ``broker.admin``) call it; ``BrokerServer`` (``broker.server``)
+ticks it. Each request becomes one scheduler event with ``now`` from the clock; its decisions and
+the rows they touch commit in ONE store transaction before the reply; long-polls waiting on the
+leases that changed are woken. Decisions that need the outside world are executed here:
+``FenceNeeded`` runs ``broker.fencing.fence_kernel`` in a worker thread and reports ``Fenced``;
+``SuspendIdle`` becomes a ``{"order": "suspend"}`` in the lease's next heartbeat reply; old
+checkpoints are deleted on their host (``checkpoint_max_age``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import tornado.locks
+import tornado.util
+
+from broker import scheduler as sch
+from broker.config import Config, SlotConfig
+from broker.errors import BrokerError
+from broker.fencing import HostWork, delete_checkpoint, fence_kernel
+from broker.metrics import Metrics
+from broker.scheduler import (
+    Decision,
+    Dropped,
+    Event,
+    Expired,
+    Granted,
+    Heartbeat,
+    Lease,
+    Policy,
+    Queued,
+    Refused,
+    Release,
+    Released,
+    RequestLease,
+    Scheduler,
+    SlotState,
+    Tick,
+)
+from broker.store import CheckpointRow, FenceRow, Store
+
+log = logging.getLogger("broker")
+
+MAX_LEASES_PER_USER = 4
+FENCE_RETRY = 30.0  # seconds between fencing attempts on an unreachable host (policy overrides)
+USAGE_WINDOW_HALF_LIVES = 4  # ended leases restored into the scheduler's decayed usage
+
+# Scheduler names that arrive with the fair-scheduling work; None until they exist.
+FenceNeeded: Any = getattr(sch, "FenceNeeded", None)
+SuspendIdle: Any = getattr(sch, "SuspendIdle", None)
+Fenced: Any = getattr(sch, "Fenced", None)
+ResetSlot: Any = getattr(sch, "ResetSlot", None)
+SetDrain: Any = getattr(sch, "SetDrain", None)
+Reconfigure: Any = getattr(sch, "Reconfigure", None)
+UsageRecord: Any = getattr(sch, "UsageRecord", None)
+
+
+class LeaseRefused(BrokerError):
+    """A lease request that can never be granted (e.g. a kind the pool does not have)."""
+
+
+class Unsupported(BrokerError):
+    """The scheduler in this build cannot do what was asked (e.g. drain before SetDrain)."""
+
+
+def _fields(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+
+
+def scheduler_policy(config: Config, max_leases_per_user: int | None = None) -> Policy:
+    """The scheduler's Policy from the config's ``[policy]`` and groups."""
+    if hasattr(Policy, "from_config"):
+        policy = Policy.from_config(config.policy, tuple(getattr(config, "groups", ())))
+        if max_leases_per_user is not None:
+            policy = dataclasses.replace(policy, max_leases_per_user=max_leases_per_user)
+        return policy
+    values = {
+        name: getattr(config.policy, name)
+        for name in _fields(Policy)
+        if hasattr(config.policy, name)
+    }
+    if "max_leases_per_user" not in values:
+        values["max_leases_per_user"] = max_leases_per_user or MAX_LEASES_PER_USER
+    elif max_leases_per_user is not None:
+        values["max_leases_per_user"] = max_leases_per_user
+    return Policy(**values)
+
+
+class BrokerService:
+    """State and rules of one running broker. Single-threaded: call it from its IOLoop only."""
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: Callable[[], float] = time.time,
+        max_leases_per_user: int | None = None,
+        work: HostWork | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.clock = clock
+        self.metrics = Metrics()
+        self.work = work or HostWork()
+        self._max_per_user = max_leases_per_user
+        self._changed: dict[str, tornado.locks.Event] = {}
+        self._orders: dict[str, list[dict[str, str]]] = {}  # lease id -> undelivered orders
+        self._ordered: set[str] = set()  # leases already ordered to suspend
+        self._fencing: set[str] = set()  # slot ids with a fence in flight
+        self._sweeping: set[str] = set()  # kernel ids whose checkpoint is being deleted
+        self._sweep_due: dict[str, float] = {}
+        self._drains = store.drained_hosts()
+        self._slot_index = {slot.id: slot for slot in config.slots}
+        kwargs: dict[str, Any] = {"next_seq": store.max_seq() + 1}
+        if "groups" in _init_params(Scheduler):
+            kwargs["groups"] = tuple(getattr(config, "groups", ()))
+        self.scheduler = Scheduler(
+            self._slot_states(config), scheduler_policy(config, max_leases_per_user), **kwargs
+        )
+        now = clock()
+        self._restore_usage(now)
+        self._restore_fences(now)
+        live = store.live_leases()
+        decisions = self.scheduler.restore(live, now)
+        with store.transaction():
+            for lease in self.scheduler.leases():
+                store.put_lease(lease)
+            self._log_decisions(decisions, now)
+            store.log(now, "broker_started", restored=len(live))
+
+    # -- what the API calls ----------------------------------------------------------------
+
+    def lease(self, lease_id: str) -> Lease | None:
+        """The lease, live (from memory) or ended (from the store)."""
+        return self.scheduler.lease(lease_id) or self.store.get_lease(lease_id)
+
+    def request_lease(
+        self, lease_id: str, user: str, kind: str, kernel_id: str, prefer_host: str | None = None
+    ) -> Lease:
+        event = RequestLease(lease_id, user, kind, kernel_id, self.clock())
+        if prefer_host and "prefer_host" in _fields(RequestLease):
+            event = dataclasses.replace(event, prefer_host=prefer_host)  # type: ignore[call-arg]
+        decisions = self._apply(event)
+        for decision in decisions:
+            if isinstance(decision, Refused):
+                raise LeaseRefused(decision.reason)
+        lease = self.scheduler.lease(lease_id)
+        assert lease is not None
+        return lease
+
+    def release(
+        self, lease_id: str, reason: str = "released", checkpoint: CheckpointRow | None = None
+    ) -> Lease | None:
+        """End a lease; ``reason="suspended"`` with ``checkpoint``: remember where it lives."""
+        event = Release(lease_id, self.clock())
+        if reason != "released" and "reason" in _fields(Release):
+            event = dataclasses.replace(event, reason=reason)  # type: ignore[call-arg]
+
+        def extra(decisions: list[Decision]) -> None:
+            ended = any(isinstance(d, Released) for d in decisions)
+            if ended and reason != "released":
+                self.store.end_lease(lease_id, "released", event.now, reason)
+            if checkpoint is not None and (ended or self.scheduler.lease(lease_id) is None):
+                self.store.put_checkpoint(checkpoint)
+                self.store.log(
+                    event.now,
+                    "checkpoint_kept",
+                    lease_id,
+                    checkpoint.user,
+                    kernel_id=checkpoint.kernel_id,
+                    host=checkpoint.host,
+                    bytes=checkpoint.bytes,
+                )
+
+        decisions = self._apply(event, extra)
+        if reason == "suspended" and any(isinstance(d, Released) for d in decisions):
+            self.metrics.suspends += 1
+        return self.lease(lease_id)
+
+    def heartbeat(
+        self, lease_id: str, busy: bool, last_activity: float | None
+    ) -> tuple[Lease | None, list[dict[str, str]]]:
+        """Record the heartbeat; return the lease and the orders for it (each given once)."""
+        self._apply(Heartbeat(lease_id, self.clock(), busy, last_activity))
+        return self.lease(lease_id), self._orders.pop(lease_id, [])
+
+    def tick(self) -> list[Decision]:
+        """Expiry, queue timeouts, fence retries (the scheduler repeats ``FenceNeeded`` every
+        ``fence_retry``), suspend orders; then old checkpoints."""
+        decisions = self._apply(Tick(self.clock()))
+        self._sweep_checkpoints()
+        return decisions
+
+    def slot_state(self, slot_id: str) -> str:
+        """free | busy | drained | fencing | unreachable."""
+        if hasattr(self.scheduler, "slot_state"):
+            return str(self.scheduler.slot_state(slot_id))
+        slot = self.scheduler.slot(slot_id)
+        if slot is None:
+            return "unknown"
+        return "busy" if slot.lease_id else ("drained" if slot.drained else "free")
+
+    def slot_config(self, slot_id: str) -> SlotConfig | None:
+        """The slot's config (O(1)), or None when it is not (any longer) in the config."""
+        return self._slot_index.get(slot_id)
+
+    def drained(self, host: str) -> bool:
+        return self._drains.get(host, self.config.host(host).drained)
+
+    def set_drain(self, host: str, drained: bool) -> None:
+        """Drain (no new grants; leases keep running) or undrain a host; persisted."""
+        self.config.host(host)  # KeyError: unknown host
+        if SetDrain is None:
+            raise Unsupported("this broker's scheduler cannot drain hosts yet")
+        now = self.clock()
+
+        def extra(_: list[Decision]) -> None:
+            self.store.set_drained(host, drained, now)
+            self.store.log(now, "drained" if drained else "undrained", host=host)
+
+        self._apply(SetDrain(host, drained, now), extra)
+        self._drains[host] = drained
+
+    def reset_slot(self, slot_id: str) -> str:
+        """An admin vouches that ``slot_id``'s last kernel is gone: the slot is free again."""
+        self.config.slot(slot_id)  # KeyError: unknown slot
+        if ResetSlot is None:
+            raise Unsupported("this broker's scheduler cannot reset slots yet")
+        now = self.clock()
+
+        def extra(_: list[Decision]) -> None:
+            self.store.drop_fence(slot_id)
+            self.store.log(now, "slot_reset", slot=slot_id)
+
+        self._apply(ResetSlot(slot_id, now), extra)
+        return self.slot_state(slot_id)
+
+    def reconfigure(self, config: Config) -> None:
+        """Swap in a new (checked) config without dropping a lease (``gpu-broker reload``)."""
+        if Reconfigure is None:
+            raise Unsupported("this broker's scheduler cannot reload its config yet")
+        now = self.clock()
+        policy = scheduler_policy(config, self._max_per_user)
+        event = Reconfigure(
+            tuple(self._slot_states(config)), policy, getattr(config, "groups", ()), now
+        )
+
+        def extra(_: list[Decision]) -> None:
+            self.store.log(now, "reconfigured", hosts=len(config.hosts), slots=len(config.slots))
+
+        old, old_index = self.config, self._slot_index
+        self.config = config  # views of the decisions need the new slots
+        self._slot_index = {slot.id: slot for slot in config.slots}
+        try:
+            self._apply(event, extra)
+        except BaseException:
+            self.config, self._slot_index = old, old_index
+            raise
+
+    async def wait_for_change(self, lease_id: str, timeout: float) -> None:
+        """Return when ``lease_id`` changes (state, slot, queue position) or after ``timeout``."""
+        event = self._changed.get(lease_id)
+        if event is None:
+            event = self._changed[lease_id] = tornado.locks.Event()
+        with contextlib.suppress(tornado.util.TimeoutError):
+            await event.wait(timeout=datetime.timedelta(seconds=timeout))
+
+    def close(self) -> None:
+        self.work.close()
+
+    # -- internals -------------------------------------------------------------------------
+
+    def _slot_states(self, config: Config) -> list[SlotState]:
+        return [
+            SlotState(s.id, s.host, s.kind, drained=self._drains.get(s.host, h.drained))
+            for h in config.hosts
+            for s in h.slots
+        ]
+
+    def _restore_fences(self, now: float) -> None:
+        """Slots whose fencing a stop interrupted come back unreachable; the next Tick asks for
+        fencing again."""
+        rows = self.store.fences()
+        fence_cls = getattr(sch, "Fence", None)
+        if not rows or fence_cls is None or not hasattr(self.scheduler, "restore_fences"):
+            return
+        names = _fields(fence_cls)
+        fences = []
+        for row in rows:
+            values = {name: getattr(row, name) for name in names if hasattr(row, name)}
+            try:
+                fences.append(fence_cls(**values))
+            except TypeError:
+                log.warning("cannot restore the fence of %s", row.slot_id)
+        self.scheduler.restore_fences(fences, now)
+
+    def _restore_usage(self, now: float) -> None:
+        if not hasattr(self.scheduler, "restore_usage") or UsageRecord is None:
+            return
+        half_life = float(getattr(self.config.policy, "usage_half_life", 0) or 0)
+        since = now - max(2 * 86400.0, USAGE_WINDOW_HALF_LIVES * half_life)
+        records = [
+            UsageRecord(lease.user, lease.granted_at, lease.ended_at)
+            for lease in self.store.ended_leases(since)
+            if lease.granted_at is not None and lease.ended_at is not None
+        ]
+        self.scheduler.restore_usage(records)
+
+    def _apply(
+        self, event: Event, extra: Callable[[list[Decision]], None] | None = None
+    ) -> list[Decision]:
+        """One event: scheduler decides, store commits decisions, lease rows and ``extra``'s
+        writes together; on any failure memory rolls back too."""
+        queue_before = self.scheduler.queue_length
+        snapshot = self.scheduler.snapshot()
+        try:
+            decisions = self._decide_and_commit(event, extra)
+        except BaseException:
+            self.scheduler.rollback(snapshot)  # memory and disk stay the same
+            raise
+        touched = dict.fromkeys(getattr(d, "lease_id", None) for d in decisions)
+        touched[getattr(event, "lease_id", None)] = None
+        left_queue = any(isinstance(d, Granted | Released | Dropped) for d in decisions)
+        if left_queue or self.scheduler.queue_length != queue_before:
+            touched.update(dict.fromkeys(lease.id for lease in self.scheduler.queue()))
+        for lease_id in touched:
+            waiter = self._changed.pop(lease_id, None) if lease_id else None
+            if waiter is not None:
+                waiter.set()
+        self._after(decisions, event.now)
+        return decisions
+
+    def _decide_and_commit(
+        self, event: Event, extra: Callable[[list[Decision]], None] | None
+    ) -> list[Decision]:
+        decisions = self.scheduler.handle(event)
+        now = event.now
+        if not decisions and extra is None:
+            if isinstance(event, Tick):
+                return decisions
+            if isinstance(event, Heartbeat) and self.scheduler.lease(event.lease_id) is None:
+                return decisions  # an ended lease: nothing to write
+        touched: dict[str, None] = {}
+        lease_id = getattr(event, "lease_id", None)
+        if lease_id is not None:
+            touched[lease_id] = None
+        for decision in decisions:
+            if getattr(decision, "lease_id", None) is not None:
+                touched[decision.lease_id] = None
+        with self.store.transaction():
+            if isinstance(event, RequestLease) and self.scheduler.lease(event.lease_id):
+                self.store.log(now, "requested", event.lease_id, event.user, kind=event.kind)
+            for lid in touched:
+                lease = self.scheduler.lease(lid)
+                if lease is not None:
+                    self.store.put_lease(lease)
+            self._log_decisions(decisions, now)
+            if extra is not None:
+                extra(decisions)
+        return decisions
+
+    def _log_decisions(self, decisions: list[Decision], now: float) -> None:
+        store = self.store
+        for d in decisions:
+            if isinstance(d, Granted):
+                store.log(now, "granted", d.lease_id, slot=d.slot_id)
+            elif isinstance(d, Queued):
+                store.log(now, "queued", d.lease_id, position=d.position)
+            elif isinstance(d, Released):
+                reason = getattr(d, "reason", None) or "released"
+                store.end_lease(d.lease_id, "released", now, reason)
+                store.log(now, "released", d.lease_id, slot=d.slot_id, reason=reason)
+            elif isinstance(d, Expired):
+                store.end_lease(d.lease_id, "expired", now, "heartbeat_timeout")
+                store.log(now, "expired", d.lease_id, slot=d.slot_id)
+            elif isinstance(d, Dropped):
+                store.end_lease(d.lease_id, "expired", now, d.reason)
+                store.log(now, "dropped", d.lease_id, reason=d.reason)
+            elif FenceNeeded is not None and isinstance(d, FenceNeeded):
+                lease = store.get_lease(d.lease_id) if d.lease_id else None
+                user = lease.user if lease else ""
+                store.put_fence(FenceRow(d.slot_id, d.lease_id, d.host, d.kernel_id, user, now))
+                store.log(now, "fence_needed", d.lease_id, user, slot=d.slot_id, host=d.host)
+            elif (
+                SuspendIdle is not None
+                and isinstance(d, SuspendIdle)
+                and d.lease_id not in self._ordered
+            ):
+                store.log(now, "suspend_ordered", d.lease_id, reason=d.reason)
+
+    def _after(self, decisions: list[Decision], now: float) -> None:
+        """Act on committed decisions: metrics, suspend orders, fences."""
+        for d in decisions:
+            if isinstance(d, Granted):
+                lease = self.scheduler.lease(d.lease_id)
+                self.metrics.granted += 1
+                if lease is not None:
+                    self.metrics.observe_wait(max(0.0, now - lease.created_at))
+            if isinstance(d, Released | Expired | Dropped):
+                self._orders.pop(d.lease_id, None)
+                self._ordered.discard(d.lease_id)
+            if (
+                SuspendIdle is not None
+                and isinstance(d, SuspendIdle)
+                and d.lease_id not in self._ordered
+                and self.scheduler.lease(d.lease_id)
+            ):
+                self._ordered.add(d.lease_id)
+                order = {"order": "suspend", "reason": str(d.reason)}
+                self._orders.setdefault(d.lease_id, []).append(order)
+            if FenceNeeded is not None and isinstance(d, FenceNeeded):
+                self._start_fence(d)
+
+    # -- fencing and checkpoint expiry (blocking parts in worker threads) -------------------
+
+    def _start_fence(self, need: Any) -> None:
+        """Kill ``need.kernel_id`` on ``need.host`` in a worker thread; report ``Fenced``."""
+        if need.slot_id in self._fencing:
+            return
+        fence = next((f for f in self.store.fences() if f.slot_id == need.slot_id), None)
+        if fence is None:
+            lease = self.store.get_lease(need.lease_id) if need.lease_id else None
+            user = lease.user if lease else ""
+            fence = FenceRow(need.slot_id, need.lease_id, need.host, need.kernel_id, user, 0.0)
+        try:
+            host = self.config.host(fence.host)
+        except KeyError:  # host gone from the config: nothing left to fence there
+            self._fenced(fence, True, f"host {fence.host} is no longer in the config")
+            return
+        keep = self._keeps_checkpoint(fence.kernel_id)
+        self._fencing.add(fence.slot_id)
+        self.work.submit(
+            lambda: fence_kernel(host, fence.user, fence.kernel_id, keep),
+            lambda ok, msg: self._fenced(fence, ok, msg),
+        )
+
+    def _keeps_checkpoint(self, kernel_id: str) -> bool:
+        row = self.store.checkpoint(kernel_id)
+        return row is not None and row.state == "kept"
+
+    def _fenced(self, fence: FenceRow, ok: bool, message: str) -> None:
+        self._fencing.discard(fence.slot_id)
+        current = {f.slot_id: f for f in self.store.fences()}.get(fence.slot_id)
+        if current is None or current.kernel_id != fence.kernel_id:
+            return  # reset by an admin meanwhile
+        try:
+            if self.slot_state(fence.slot_id) not in ("fencing", "unreachable"):
+                return
+        except KeyError:
+            return
+        now = self.clock()
+        if ok:
+            log.info("fenced %s: %s", fence.slot_id, message)
+        else:
+            log.warning("fencing %s failed: %s", fence.slot_id, message)
+            self.metrics.fence_failures += 1
+
+        def extra(_: list[Decision]) -> None:
+            if ok:
+                self.store.drop_fence(fence.slot_id)
+            self.store.log(
+                now,
+                "fenced" if ok else "fence_failed",
+                fence.lease_id,
+                slot=fence.slot_id,
+                message=message,
+            )
+
+        if Fenced is not None:
+            self._apply(Fenced(fence.slot_id, ok, now), extra)
+
+    def _sweep_checkpoints(self) -> None:
+        max_age = float(getattr(self.config.policy, "checkpoint_max_age", 0) or 0)
+        if max_age <= 0:
+            return
+        now = self.clock()
+        for row in self.store.checkpoints("kept"):
+            if row.created_at > now - max_age:
+                break  # ordered by created_at
+            if row.kernel_id in self._sweeping or self._sweep_due.get(row.kernel_id, 0) > now:
+                continue
+            try:
+                host = self.config.host(row.host)
+            except KeyError:
+                self._checkpoint_deleted(row, True, f"host {row.host} is gone")
+                continue
+            self._sweeping.add(row.kernel_id)
+            self._sweep_due[row.kernel_id] = now + FENCE_RETRY
+            self.work.submit(
+                lambda h=host, r=row: delete_checkpoint(h, r.user, r.kernel_id),
+                lambda ok, msg, r=row: self._checkpoint_deleted(r, ok, msg),
+            )
+
+    def _checkpoint_deleted(self, row: CheckpointRow, ok: bool, message: str) -> None:
+        self._sweeping.discard(row.kernel_id)
+        current = self.store.checkpoint(row.kernel_id)
+        if not ok or current is None or current.created_at != row.created_at:
+            if not ok:
+                log.warning("%s", message)
+            return
+        now = self.clock()
+        with self.store.transaction():
+            self.store.expire_checkpoint(row.kernel_id, now)
+            self.store.log(
+                now,
+                "checkpoint_expired",
+                row.lease_id,
+                row.user,
+                kernel_id=row.kernel_id,
+                host=row.host,
+            )
+        self._sweep_due.pop(row.kernel_id, None)
+
+
+def _init_params(cls: type) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(cls.__init__).parameters)

@@ -2,12 +2,15 @@
 
 python -m gpu_kernel launch                       # LaunchRequest line on stdin
 python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N [--runtime-root DIR]
+python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint   # tar on stdout/stdin
+python -m gpu_kernel probe                        # GPUs and MIG devices (NVML), one JSON line
 python -m gpu_kernel kernel -f CONNFILE           # the kernel itself (the launcher runs it)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from gpu_kernel.errors import BadRequest
@@ -20,13 +23,17 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", help="start a kernel from one JSON request line on stdin")
     ctl = sub.add_parser("ctl", help="status, signal, kill or clean up a launched kernel")
     ctl.add_argument("kernel_id")
-    ctl.add_argument("action", choices=["status", "signal", "kill", "cleanup"])
+    ctl.add_argument(
+        "action",
+        choices=["status", "signal", "kill", "cleanup", "export-checkpoint", "import-checkpoint"],
+    )
     ctl.add_argument("signum", nargs="?", type=int, help="signal number (for `signal`)")
     ctl.add_argument(
         "--runtime-root",
         default=None,
         help="default: $SHARED_GPU_RUNTIME_ROOT or ~/.local/share/jupyter-shared-gpu/kernels",
     )
+    sub.add_parser("probe", help="list GPUs and MIG devices (NVML) as one JSON line")
     kernel = sub.add_parser("kernel", help="run the IPython kernel (started by `launch`)")
     kernel.add_argument("-f", dest="connection_file", required=True)
     return p
@@ -40,7 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.connection_file, rest)
     if rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "probe":
+        from gpu_kernel.probe import main as probe_main
+
+        return probe_main()
     from gpu_kernel import launcher
+
+    if args.command == "ctl" and args.action.endswith("-checkpoint"):
+        return _checkpoint_stream(args.kernel_id, args.action, args.runtime_root)
 
     if args.command == "launch":
         reply, status = launcher.launch_main(sys.stdin.buffer.readline(1 << 20))
@@ -54,6 +68,24 @@ def main(argv: list[str] | None = None) -> int:
         print(LaunchReply.failure(e.code, e.message, e.hint).to_json(), flush=True)
         return 1
     print(result.to_json(), flush=True)
+    return 0
+
+
+def _checkpoint_stream(kernel_id: str, action: str, root: str | None) -> int:
+    """export-checkpoint: tar on stdout (errors on stderr); import-checkpoint: tar on stdin."""
+    from gpu_kernel import launcher, transfer
+
+    try:
+        rdir = launcher.runtime_dir(root, kernel_id)
+        if action == "export-checkpoint":
+            transfer.export_checkpoint(rdir, sys.stdout.buffer)
+            return 0
+        result = transfer.import_checkpoint(rdir, sys.stdin.buffer)
+    except BadRequest as e:
+        line = LaunchReply.failure(e.code, e.message, e.hint).to_json()
+        print(line, file=sys.stderr if action == "export-checkpoint" else sys.stdout, flush=True)
+        return 1
+    print(json.dumps(result), flush=True)
     return 0
 
 

@@ -2,32 +2,300 @@
 
 Started by ``launcher.start_kernel`` in its own session. ``GPUKernelApp`` binds 127.0.0.1 only,
 whatever the connection file says, and writes ``exit_code`` next to the connection file when it
-exits (cleanly, by ``sys.exit``, or by SIGTERM), so ``ctl status`` can report it. Later issues add
-control messages (status, suspend) to ``GPUKernel``.
+exits (cleanly, by ``sys.exit``, or by SIGTERM), so ``ctl status`` can report it.
+
+``GPUKernel`` adds the shared-GPU control messages (docs/internals.md, "Suspend and resume"):
+``usage_request`` with NVML figures, ``suspend_request`` (checkpoint the namespace into
+``<runtime dir>/checkpoint``, reply, exit with ``SUSPENDED_EXIT_CODE``), ``restore_request``,
+``shared_gpu_info``; an orphan watchdog (no control message for ``SHARED_GPU_ORPHAN_GRACE`` s,
+default 120, "0" disables: suspend itself once idle; armed when that variable is set or the first
+``shared_gpu_info`` arrives); and the ``%gpu`` magics.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import zmq
 from ipykernel.ipkernel import IPythonKernel
 from ipykernel.kernelapp import IPKernelApp
+from tornado.ioloop import PeriodicCallback
 from traitlets import Type, validate
 
-from gpu_kernel import __version__
+from gpu_kernel import __version__, nvml
+from gpu_kernel.control import (
+    KernelActivity,
+    KernelBusy,
+    error_reply,
+    orphan_grace,
+    restore_reply,
+    suspend_reply,
+)
 
 LOOPBACK = "127.0.0.1"
+SUSPENDED_EXIT_CODE = 75  # as gpu_kernel.checkpoint's (checked in the tests)
+ORPHAN_EXIT_CODE = 70  # orphaned and the checkpoint failed: exits anyway, the GPU goes back
+EXIT_DELAY = 0.2  # s between the last reply and the exit, for IOPub's idle status to go out
 
 
 class GPUKernel(IPythonKernel):
-    """An IPython kernel; the place for shared-GPU control messages (status, suspend)."""
+    """An IPython kernel with the shared-GPU control messages, watchdog and ``%gpu``."""
 
     implementation = "gpu_kernel"
     implementation_version = __version__
+    control_msg_types = [
+        *IPythonKernel.control_msg_types,
+        "suspend_request",
+        "restore_request",
+        "shared_gpu_info",
+    ]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.activity = KernelActivity()
+        self.orphan_grace = orphan_grace()
+        self.exit_status: int | None = None
+        self._suspend_after_cell = False
+        self._exit_after_cell = False
+        self._watchdog: PeriodicCallback | None = None
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    @property
+    def runtime_dir(self) -> Path:
+        """The folder of the connection file (the launcher's ``<runtime_root>/<kernel_id>``)."""
+        conn = getattr(self.parent, "abs_connection_file", "") or getattr(
+            self.parent, "connection_file", ""
+        )
+        return Path(conn).absolute().parent if conn else Path.cwd()
+
+    def start(self) -> None:
+        super().start()
+        from gpu_kernel.magics import GPUMagics
+
+        if self.shell is not None:
+            self.shell.register_magics(GPUMagics(self.shell, self))
+            self.shell.events.register("post_run_cell", self._post_run_cell)
+        if self.orphan_grace > 0:
+            period = max(50.0, min(1000.0, self.orphan_grace * 250))
+            self._watchdog = PeriodicCallback(self._check_orphaned, period)
+            self._watchdog.start()
+
+    # -- activity ------------------------------------------------------------------------------
+
+    async def process_control(self, msg: Any) -> None:
+        self.activity.control_seen()
+        await super().process_control(msg)
+
+    async def execute_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        while self.activity.restoring:
+            await asyncio.sleep(0.02)
+        if not self.activity.cell_started():
+            # A suspend is under way and the process is about to exit: no reply, no idle
+            # status; the proxy sends the request again to the resumed kernel.
+            await asyncio.Event().wait()
+        try:
+            await super().execute_request(stream, ident, parent)
+        finally:
+            self.activity.cell_finished()
+        if self._exit_after_cell:
+            self._exit_after_cell = False
+            self._exit(SUSPENDED_EXIT_CODE)
+
+    # -- control messages ----------------------------------------------------------------------
+
+    async def usage_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        """ipykernel's usage figures + ``gpu`` (NVML, or null) + ``shared_gpu``."""
+        if not self.session:
+            return
+        content = self._process_usage()
+        content["gpu"] = nvml.device_usage()
+        content["shared_gpu"] = self.activity.shared_gpu()
+        self.session.send(stream, "usage_reply", content, parent, ident)
+
+    def _process_usage(self) -> dict[str, Any]:
+        """The fields ipykernel's own ``usage_request`` answers (hostname, pid, CPU, memory)."""
+        content: dict[str, Any] = {"hostname": socket.gethostname(), "pid": os.getpid()}
+        try:
+            import psutil
+        except ImportError:
+            content["cpu_count"] = os.cpu_count()
+            return content
+        current = psutil.Process()
+        procs = [current, *current.children(recursive=True)]
+        self.processes = {p.pid: self.processes.get(p.pid, p) for p in procs}
+        metric = self.get_process_metric_value
+        content["kernel_cpu"] = sum(metric(p, "cpu_percent", None) for p in self.processes.values())
+        mem_type = "pss" if hasattr(current.memory_full_info(), "pss") else "rss"
+        content["kernel_memory"] = sum(
+            metric(p, "memory_full_info", mem_type) for p in self.processes.values()
+        )
+        cpu = psutil.cpu_percent()
+        if cpu:
+            content["host_cpu_percent"] = cpu
+        content["cpu_count"] = psutil.cpu_count(logical=True)
+        content["host_virtual_memory"] = dict(psutil.virtual_memory()._asdict())
+        return content
+
+    async def shared_gpu_info(self, stream: Any, ident: Any, parent: dict) -> None:
+        """Lease, policy, queue and quota from the proxy (for ``%gpu``); also its keepalive."""
+        content = parent.get("content")
+        if isinstance(content, dict):
+            self.activity.set_info(content)
+        self.session.send(stream, "shared_gpu_info_reply", {"status": "ok"}, parent, ident)
+
+    async def suspend_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        """Checkpoint, reply, exit with SUSPENDED_EXIT_CODE (an error reply keeps it running)."""
+        reason = str((parent.get("content") or {}).get("reason", ""))
+        try:
+            content = self.checkpoint(reason)
+        except Exception as e:
+            self.session.send(stream, "suspend_reply", error_reply(e), parent, ident)
+            return
+        self.session.send(stream, "suspend_reply", content, parent, ident)
+        with contextlib.suppress(Exception):
+            stream.flush(zmq.POLLOUT)
+        self._exit(SUSPENDED_EXIT_CODE)
+
+    async def restore_request(self, stream: Any, ident: Any, parent: dict) -> None:
+        """Load a checkpoint into this (idle) kernel's namespace."""
+        path = (parent.get("content") or {}).get("checkpoint") or str(self.checkpoint_dir)
+        try:
+            content = self.restore(Path(path))
+        except Exception as e:
+            content = error_reply(e)
+        self.session.send(stream, "restore_reply", content, parent, ident)
+
+    # -- checkpoint and restore ----------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.runtime_dir / "checkpoint"
+
+    def checkpoint(self, reason: str, *, from_cell: bool = False) -> dict[str, Any]:
+        """Save the user's namespace; returns the ``suspend_reply`` content. Leaves the kernel
+        marked as suspending (no cell starts any more) unless it raises."""
+        from gpu_kernel.checkpoint import save_namespace
+
+        self.activity.begin_suspend(from_cell=from_cell)
+        try:
+            t0 = time.monotonic()
+            shell = self.shell
+            self.log.info(
+                "suspending (%s): checkpoint to %s", reason or "asked", self.checkpoint_dir
+            )
+            manifest = save_namespace(
+                shell.user_ns,
+                self.checkpoint_dir,
+                self._key(),
+                hidden=shell.user_ns_hidden,
+                execution_count=shell.execution_count,
+                cwd=os.getcwd(),
+            )
+        except BaseException:
+            self.activity.abort_suspend()
+            raise
+        return suspend_reply(str(self.checkpoint_dir), manifest, time.monotonic() - t0)
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        """Load the checkpoint at ``path`` into ``user_ns``; returns the ``restore_reply``."""
+        from gpu_kernel.checkpoint import load_namespace
+
+        self.activity.begin_restore()
+        try:
+            t0 = time.monotonic()
+            shell = self.shell
+            # Into user_ns itself, so restored functions see the notebook's globals; imports and
+            # the working directory come back too. device=None: the slot's GPU if torch sees
+            # one, else the CPU (and torch is not imported for a checkpoint without tensors).
+            _, manifest = load_namespace(path, self._key(), namespace=shell.user_ns)
+            if manifest.execution_count:
+                shell.execution_count = int(manifest.execution_count)
+            names = [v.name for v in manifest.variables] + list(manifest.imports)
+            return restore_reply(sorted(names), manifest, time.monotonic() - t0)
+        finally:
+            self.activity.end_restore()
+
+    def _key(self) -> bytes:
+        key = self.session.key
+        return key if isinstance(key, bytes) else str(key).encode()
+
+    # -- self-suspend: %gpu suspend and the orphan watchdog --------------------------------------
+
+    def suspend_after_cell(self) -> None:
+        """``%gpu suspend``: checkpoint once this cell has run, then exit after its reply."""
+        self._suspend_after_cell = True
+
+    def _post_run_cell(self, result: Any) -> None:
+        if not self._suspend_after_cell:
+            return
+        self._suspend_after_cell = False
+        try:
+            content = self.checkpoint("%gpu suspend", from_cell=True)
+        except Exception as e:
+            print(f"Could not suspend: {e}", file=sys.stderr)
+            return
+        print(_suspended_text(content))
+        self._exit_after_cell = True
+
+    def _check_orphaned(self) -> None:
+        """Watchdog tick (main thread, so never inside a synchronous cell)."""
+        if self.exit_status is not None or not self.activity.orphaned(self.orphan_grace):
+            return
+        self.log.warning(
+            "no word from the session proxy for %.0f s: suspending (orphaned)", self.orphan_grace
+        )
+        try:
+            self.checkpoint("orphaned")
+        except KernelBusy:
+            return  # a cell or a suspend started meanwhile: look again at the next tick
+        except Exception:
+            self.log.exception("orphaned and the checkpoint failed: exiting to free the GPU")
+            self._exit(ORPHAN_EXIT_CODE)
+            return
+        self._exit(SUSPENDED_EXIT_CODE)
+
+    def _exit(self, status: int) -> None:
+        """Stop the kernel's loops shortly (replies and the idle status go out first); ``run``
+        then exits the process with ``status``."""
+        if self.exit_status is not None:
+            return
+        self.exit_status = status
+        if self._watchdog is not None:
+            self.io_loop.add_callback(self._watchdog.stop)
+
+        def stop() -> None:
+            with contextlib.suppress(Exception):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            if self.control_stream:
+                control_loop = self.control_stream.io_loop
+                control_loop.add_callback(control_loop.stop)
+            if self.shell_stream and self.shell_stream.io_loop != self.io_loop:
+                self.shell_stream.io_loop.add_callback(self.shell_stream.io_loop.stop)
+            self.io_loop.stop()
+
+        self.io_loop.add_callback(lambda: self.io_loop.call_later(EXIT_DELAY, stop))
+
+
+def _suspended_text(content: dict[str, Any]) -> str:
+    from gpu_kernel.magics import size
+
+    lines = [
+        f"Suspended: {len(content['saved'])} variables ({size(content['bytes'])}) saved to "
+        f"{content['checkpoint']} in {content['seconds']:.2f} s; the GPU goes back to the pool "
+        "and the next cell resumes this kernel."
+    ]
+    lines += [f"  not saved: {d['name']} ({d['type']}): {d['reason']}" for d in content["dropped"]]
+    return "\n".join(lines)
 
 
 class GPUKernelApp(IPKernelApp):
@@ -72,7 +340,7 @@ def run(connection_file: str, argv: list[str] | None = None) -> int:
     try:
         app.initialize(["-f", connection_file, *(argv or [])])
         app.start()
-        code = 0
+        code = getattr(app.kernel, "exit_status", None) or 0
     except SystemExit as e:
         code = _exit_status(e.code)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ Host keys are checked strictly; authentication uses the key file only (no agent,
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import select
@@ -16,8 +17,10 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import paramiko
 
@@ -72,12 +75,66 @@ class CommandResult:
     stderr: bytes
 
 
+class CommandStream:
+    """A command running on a host, its stdin and stdout as binary streams (``open_stream``).
+
+    Write to ``stdin`` and ``close_stdin()``; read ``stdout`` to its end; then ``wait()`` gives
+    the exit status and stderr (collected by a thread, the last 64 KiB kept). ``close()`` ends it.
+    """
+
+    def __init__(
+        self,
+        stdin: IO[bytes],
+        stdout: IO[bytes],
+        close_stdin: Callable[[], None],
+        wait: Callable[[float], int],
+        close: Callable[[], None],
+        read_stderr: Callable[[], bytes],
+    ) -> None:
+        self.stdin, self.stdout = stdin, stdout
+        self._close_stdin, self._wait, self._close = close_stdin, wait, close
+        self._stderr = bytearray()
+        self._stderr_thread = threading.Thread(target=self._drain, args=(read_stderr,), daemon=True)
+        self._stderr_thread.start()
+
+    def _drain(self, read: Callable[[], bytes]) -> None:
+        try:
+            while chunk := read():
+                self._stderr += chunk
+                del self._stderr[: max(0, len(self._stderr) - 65536)]
+        except (OSError, EOFError, ValueError, paramiko.SSHException):
+            pass
+
+    def close_stdin(self) -> None:
+        """Send EOF to the command."""
+        self._close_stdin()
+
+    def wait(self, timeout: float = 30) -> CommandResult:
+        """Wait for the exit; ``stdout`` of the result is empty (it was read as a stream)."""
+        code = self._wait(timeout)
+        self._stderr_thread.join(timeout=5)
+        return CommandResult(code, b"", bytes(self._stderr))
+
+    def close(self) -> None:
+        self._close()
+
+    def __enter__(self) -> CommandStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class HostConnection:
     """A way to run commands on a host and reach its loopback ports."""
 
     target: HostTarget
 
     def run(self, argv: list[str], stdin: bytes = b"", timeout: float = 30) -> CommandResult:
+        raise NotImplementedError
+
+    def open_stream(self, argv: list[str], timeout: float = 60) -> CommandStream:
+        """Start ``argv`` with streamed stdin/stdout; a read waiting over ``timeout`` s fails."""
         raise NotImplementedError
 
     def forward(self, remote_port: int) -> int:
@@ -116,6 +173,34 @@ class LocalConnection(HostConnection):
         except OSError as e:  # missing interpreter: same status a shell would give
             return CommandResult(127, b"", str(e).encode())
         return CommandResult(p.returncode, p.stdout, p.stderr)
+
+    def open_stream(self, argv: list[str], timeout: float = 60) -> CommandStream:
+        p = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        assert p.stdin is not None and p.stdout is not None and p.stderr is not None
+        err = p.stderr
+
+        def wait(limit: float) -> int:
+            try:
+                return p.wait(limit)
+            except subprocess.TimeoutExpired as e:
+                raise CommandTimeout(f"`{shlex.join(argv)}` did not finish in {limit:g} s") from e
+
+        def close() -> None:
+            for f in (p.stdin, p.stdout):
+                with contextlib.suppress(OSError):
+                    f.close()
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+            err.close()
+
+        def close_stdin() -> None:
+            with contextlib.suppress(OSError):
+                p.stdin.close()  # type: ignore[union-attr]
+
+        return CommandStream(p.stdin, p.stdout, close_stdin, wait, close, lambda: err.read1(65536))
 
     def forward(self, remote_port: int) -> int:
         return remote_port
@@ -305,6 +390,38 @@ class SSHConnection(HostConnection):
             raise self._lost(e) from e
         finally:
             chan.close()
+
+    def open_stream(self, argv: list[str], timeout: float = 60) -> CommandStream:
+        """Run ``argv`` on a fresh channel whose stdin/stdout are file objects."""
+        try:
+            chan = self._transport.open_session(timeout=timeout)
+            chan.settimeout(timeout)
+            chan.exec_command(shlex.join(argv))
+        except (paramiko.SSHException, OSError, EOFError) as e:
+            raise self._lost(e) from e
+
+        def wait(limit: float) -> int:
+            if not chan.status_event.wait(limit):
+                where = self.target.name
+                raise CommandTimeout(f"`{shlex.join(argv)}` on {where}: no end in {limit:g} s")
+            return chan.recv_exit_status()
+
+        def read_stderr() -> bytes:
+            while True:  # the channel's read timeout is for stdout; stderr may stay quiet
+                try:
+                    return chan.recv_stderr(65536)
+                except TimeoutError:
+                    if chan.closed:
+                        return b""
+
+        return CommandStream(
+            chan.makefile_stdin("wb"),
+            chan.makefile("rb"),
+            chan.shutdown_write,
+            wait,
+            chan.close,
+            read_stderr,
+        )
 
     def _lost(self, e: BaseException) -> HostUnreachable:
         t = self.target

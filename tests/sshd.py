@@ -96,6 +96,9 @@ class TestHost:
                     "MaxSessions 64",
                     "MaxStartups 64",
                     "LogLevel ERROR",
+                    # A session killed mid-`pyenv rehash` (from ~/.bashrc) leaves a lock that
+                    # makes every later login wait 60 s; with this it waits 1 s at most.
+                    "SetEnv PYENV_REHASH_TIMEOUT=1",
                     "",
                 ]
             )

@@ -1,0 +1,175 @@
+"""Checkpoint copy between two real sshd hosts, the tar import's refusals, and ``open_stream``."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import tarfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gpu_kernel import transfer
+from gpu_kernel.errors import BadRequest
+from gpu_kernel.ssh import HostConnection, HostTarget, connect
+from gpu_kernel.transfer import CheckpointTransferError, copy_checkpoint
+from tests.conftest import target_for
+from tests.sshd import ClientKeys, TestHost
+from tests.test_probe import python_with_env
+
+KEY = b"transfer-key-" + uuid.uuid4().hex.encode()
+
+
+@pytest.fixture
+def two_hosts(
+    ssh_hosts: list[TestHost], client_keys: ClientKeys, tmp_path: Path
+) -> Iterator[tuple[HostConnection, HostConnection, Path, Path]]:
+    """SSH connections to hostA and hostB, each with its own runtime root (one machine here)."""
+    roots = [tmp_path / "rootA", tmp_path / "rootB"]
+    conns = []
+    for host, root in zip(ssh_hosts, roots, strict=True):
+        python = python_with_env(tmp_path / f"py-{host.name}", SHARED_GPU_RUNTIME_ROOT=str(root))
+        conns.append(connect(target_for(host, client_keys, python=python)))
+    yield conns[0], conns[1], roots[0], roots[1]
+    for c in conns:
+        c.close()
+
+
+def make_checkpoint(rdir: Path) -> dict:
+    """A real checkpoint (save_namespace) of a small namespace plus 3 MiB of bytes."""
+    from gpu_kernel.checkpoint import save_namespace
+
+    rdir.mkdir(mode=0o700, parents=True)
+    ns = {"x": 42, "words": ["a", "b"], "blob": os.urandom(3 << 20), "f": (lambda v: v + 1)}
+    save_namespace(ns, rdir / "checkpoint", KEY, execution_count=7, cwd=str(rdir))
+    return ns
+
+
+def modes(root: Path) -> set[tuple[str, int]]:
+    found = set()
+    for p in [root, *root.rglob("*")]:
+        found.add(("d" if p.is_dir() else "f", stat.S_IMODE(p.stat().st_mode)))
+    return found
+
+
+def test_copy_between_hosts_and_load_there(
+    two_hosts: tuple[HostConnection, HostConnection, Path, Path],
+) -> None:
+    from gpu_kernel.checkpoint import load_namespace
+
+    conn_a, conn_b, root_a, root_b = two_hosts
+    kid = "kern-" + uuid.uuid4().hex[:12]
+    ns = make_checkpoint(root_a / kid)
+    py_a, py_b = conn_a.target.python, conn_b.target.python
+    copied = copy_checkpoint(conn_a, py_a, conn_b, py_b, kid)
+    src_files = [p for p in (root_a / kid / "checkpoint").rglob("*") if p.is_file()]
+    assert copied == sum(p.stat().st_size for p in src_files) > 3 << 20
+    dest = root_b / kid / "checkpoint"
+    assert modes(dest) <= {("d", 0o700), ("f", 0o600)}
+    assert stat.S_IMODE((root_b / kid).stat().st_mode) == 0o700
+    loaded, manifest = load_namespace(dest, KEY)
+    assert loaded["x"] == 42 and loaded["words"] == ["a", "b"] and loaded["blob"] == ns["blob"]
+    assert loaded["f"](1) == 2 and manifest.execution_count == 7
+
+    # Again over an existing checkpoint: replaced whole, no staging dir left behind.
+    assert copy_checkpoint(conn_a, py_a, conn_b, py_b, kid) == copied
+    assert sorted(p.name for p in (root_b / kid).iterdir()) == ["checkpoint"]
+
+    # Nothing to export: the error names the source host and keeps the destination intact.
+    with pytest.raises(CheckpointTransferError, match=f"from {conn_b.target.name}: no checkpoint"):
+        copy_checkpoint(conn_b, py_b, conn_a, py_a, "kern-none")
+    assert not (root_a / "kern-none" / "checkpoint").exists()
+
+    # The destination refuses (its runtime dir is not a directory): the error names it.
+    (root_b / "kern-file").parent.mkdir(exist_ok=True)
+    (root_b / "kern-file").write_text("in the way")
+    (root_a / kid).rename(root_a / "kern-file")
+    with pytest.raises(CheckpointTransferError, match=f"on {conn_b.target.name}: runtime dir"):
+        copy_checkpoint(conn_a, py_a, conn_b, py_b, "kern-file")
+
+
+def tar_bytes(entries: list[tuple[str, bytes | str | None]]) -> bytes:
+    """A tar with files (bytes), symlinks (str target) and hard links (None: to the first)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, what in entries:
+            info = tarfile.TarInfo(name)
+            if isinstance(what, bytes):
+                info.size = len(what)
+                tar.addfile(info, io.BytesIO(what))
+            else:
+                info.type = tarfile.SYMTYPE if isinstance(what, str) else tarfile.LNKTYPE
+                info.linkname = what or entries[0][0]
+                tar.addfile(info)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("entries", "words"),
+    [
+        ([("../evil", b"x")], "not a plain relative path"),
+        ([("/etc/evil", b"x")], "not a plain relative path"),
+        ([("a/../../evil", b"x")], "not a plain relative path"),
+        ([("ok", b"x"), ("link", "/etc/passwd")], "links and special files"),
+        ([("ok", b"x"), ("hard", None)], "links and special files"),
+    ],
+)
+def test_import_refuses_escapes_and_links(
+    tmp_path: Path, entries: list[tuple[str, bytes | str | None]], words: str
+) -> None:
+    rdir = tmp_path / "rt" / "kern-1"
+    transfer.import_checkpoint(rdir, io.BytesIO(tar_bytes([("manifest.json", b"old")])))
+    with pytest.raises(BadRequest, match=words):
+        transfer.import_checkpoint(rdir, io.BytesIO(tar_bytes(entries)))
+    assert sorted(p.name for p in rdir.iterdir()) == ["checkpoint"]  # no staging left
+    assert (rdir / "checkpoint" / "manifest.json").read_bytes() == b"old"  # old one intact
+    assert not (tmp_path / "rt" / "evil").exists() and not (tmp_path / "evil").exists()
+
+
+def test_import_of_a_broken_stream_keeps_the_old_checkpoint(tmp_path: Path) -> None:
+    rdir = tmp_path / "kern-2"
+    data = tar_bytes([("sub/a.bin", os.urandom(100_000)), ("b", b"b")])
+    result = transfer.import_checkpoint(rdir, io.BytesIO(data))
+    assert result["files"] == 2 and result["bytes"] == 100_001
+    assert modes(rdir / "checkpoint") == {("d", 0o700), ("f", 0o600)}
+    for bad in (data[:50_000], b"not a tar at all" * 100, b""):
+        with pytest.raises(BadRequest, match="checkpoint stream"):
+            transfer.import_checkpoint(rdir, io.BytesIO(bad))
+        assert (rdir / "checkpoint" / "b").read_bytes() == b"b"
+    out = io.BytesIO()
+    assert transfer.export_checkpoint(rdir, out) == 100_001
+    again = transfer.import_checkpoint(tmp_path / "kern-3", io.BytesIO(out.getvalue()))
+    assert again["bytes"] == 100_001
+
+
+@pytest.mark.parametrize("where", ["local", "ssh"])
+def test_open_stream_pipes_large_data_both_ways(
+    where: str, ssh_hosts: list[TestHost], client_keys: ClientKeys
+) -> None:
+    target = (
+        HostTarget(name="here", address="local")
+        if where == "local"
+        else target_for(ssh_hosts[0], client_keys)
+    )
+    data = os.urandom(6 << 20)
+    with connect(target) as conn, conn.open_stream(["sh", "-c", "cat; echo done >&2"]) as s:
+
+        def write() -> None:
+            for i in range(0, len(data), 1 << 20):
+                s.stdin.write(data[i : i + (1 << 20)])
+            s.stdin.flush()
+            s.close_stdin()
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        got = s.stdout.read()
+        writer.join(10)
+        res = s.wait(10)
+    assert got == data and res.returncode == 0 and res.stderr == b"done\n"
+    with connect(target) as conn, conn.open_stream(["sh", "-c", "exit 3"]) as s:
+        s.close_stdin()
+        assert s.stdout.read() == b"" and s.wait(10).returncode == 3

@@ -18,14 +18,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import zmq
+
 from broker.client import BrokerClient, Lease
 from broker.errors import BrokerError
 from gpu_kernel import remote
 from gpu_kernel.errors import SharedGPUError
 from gpu_kernel.protocol import PROTOCOL_VERSION, LaunchReply, LaunchRequest
 from gpu_kernel.ssh import HostConnection, HostTarget, connect
+from provisioner.kernel_control import KernelControl, KernelControlError
 from provisioner.proxy import SessionProxy
 from provisioner.settings import ProvisionerSettings
+from provisioner.suspension import SUSPENDED_EXIT_CODE, SuspensionMixin
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,7 @@ class RunningKernel:
     checked_at: float = 0.0
 
 
-class KernelSession:
+class KernelSession(SuspensionMixin):
     """Lease + host connection + tunnels + proxy for one Jupyter kernel id."""
 
     def __init__(
@@ -69,6 +73,9 @@ class KernelSession:
         self.conn: HostConnection | None = None
         self.target: HostTarget | None = None
         self.kernel: RunningKernel | None = None
+        self.control: KernelControl | None = None
+        self._upstream: dict[str, int] = {}
+        self._launch: tuple[bytes, str, dict[str, str]] | None = None  # key, scheme, env
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._closed = threading.Event()
@@ -80,20 +87,25 @@ class KernelSession:
 
     # ---- lease -------------------------------------------------------------------------------
 
-    def acquire_lease(self) -> Lease:
+    def acquire_lease(
+        self, say: Callable[[str], None] | None = None, resume_from: str | None = None
+    ) -> Lease:
         """Ask the broker for a slot and wait in its queue (saying where we stand) until granted.
 
         Raises LeaseTimeout after ``settings.lease_timeout``; the queued request is withdrawn.
         """
         if self.lease is not None and self.lease.state == "granted":
             return self.lease
+        say = say or self.progress
         deadline = time.monotonic() + self.settings.lease_timeout
-        lease = self.client.request_lease(kind=self.settings.slot_kind, kernel_id=self.kernel_id)
+        lease = self.client.request_lease(
+            kind=self.settings.slot_kind, kernel_id=self.kernel_id, resume_from=resume_from
+        )
         self.lease = lease
         last_position = None
         while lease.state == "queued":
             if lease.position != last_position:
-                self.progress(
+                say(
                     f"Waiting for a free {self.settings.slot_kind!r} GPU slot: "
                     f"position {lease.position} of {lease.queue_length} in the queue"
                 )
@@ -120,7 +132,7 @@ class KernelSession:
                 "broker's queue_timeout",
             )
         assert lease.slot is not None and lease.host is not None
-        self.progress(f"Leased GPU slot {lease.slot.id} ({lease.slot.kind}) on {lease.host.name}")
+        say(f"Leased GPU slot {lease.slot.id} ({lease.slot.kind}) on {lease.host.name}")
         self._start_heartbeat()
         return lease
 
@@ -155,43 +167,61 @@ class KernelSession:
         )
 
     def _connection(self) -> HostConnection:
-        if self.conn is not None and self.conn.is_alive():
+        """The SSH connection to the leased host (the one we have, if the lease did not move)."""
+        target = self._target() if self.lease is not None else self.target
+        assert target is not None
+        if self.conn is not None and self.conn.is_alive() and target == self.target:
             return self.conn
         if self.conn is not None:
             self.conn.close()
-        self.target = self._target()
-        self.conn = connect(self.target)
+        self.conn = None
+        self.target = target
+        self.conn = connect(target)
         return self.conn
 
     def launch(self, key: bytes, signature_scheme: str, env: dict[str, str]) -> dict[str, int]:
         """Start the kernel on the leased slot, point the proxy at it; return the proxy's ports."""
         with self._lock:
-            assert self.lease is not None and self.lease.slot is not None
-            conn = self._connection()
-            assert self.target is not None
-            request = LaunchRequest(
-                protocol=PROTOCOL_VERSION,
-                kernel_id=self.kernel_id,
-                key=key.decode("ascii"),
-                signature_scheme=signature_scheme,
-                cuda_visible_devices=self.lease.slot.device,
-                host_name=self.lease.host.name,
-                slot_id=self.lease.slot.id,
-                env=env,
-                runtime_root=None,
-            )
-            reply = remote.launch(conn, self.target.python, request)
-            upstream = {name: conn.forward(port) for name, port in reply.ports.items()}
-            self.proxy.attach(upstream)
-            self.kernel = RunningKernel(reply=reply, checked_at=time.monotonic())
-            self.progress(
-                f"Kernel running on {self.lease.host.name} ({reply.hostname}), slot "
-                f"{self.lease.slot.id}, CUDA_VISIBLE_DEVICES={self.lease.slot.device}"
-            )
+            if self._launch is None:
+                self.proxy.configure_session(key, signature_scheme)
+            self._launch = (key, signature_scheme, env)
+            self._start_kernel(attach=True)
             return self.proxy.ports
 
+    def _start_kernel(self, attach: bool) -> None:
+        """Launch on the leased slot (a fresh kernel or one about to restore); forward its ports."""
+        assert self.lease is not None and self.lease.slot is not None and self._launch
+        key, scheme, env = self._launch
+        conn = self._connection()
+        assert self.target is not None
+        request = LaunchRequest(
+            protocol=PROTOCOL_VERSION,
+            kernel_id=self.kernel_id,
+            key=key.decode("ascii"),
+            signature_scheme=scheme,
+            cuda_visible_devices=self.lease.slot.device,
+            host_name=self.lease.host.name,
+            slot_id=self.lease.slot.id,
+            env=env,
+            runtime_root=None,
+        )
+        reply = remote.launch(conn, self.target, request)
+        self._upstream = {name: conn.forward(port) for name, port in reply.ports.items()}
+        if self.control is not None:
+            self.control.close()
+        self.control = KernelControl(self._upstream["control"], key, scheme)
+        self.kernel = RunningKernel(reply=reply, checked_at=time.monotonic())
+        if attach:
+            self.proxy.attach(self._upstream)
+        self.progress(
+            f"Kernel running on {self.lease.host.name} ({reply.hostname}), slot "
+            f"{self.lease.slot.id}, CUDA_VISIBLE_DEVICES={self.lease.slot.device}"
+        )
+
     def poll(self) -> int | None:
-        """None while the kernel runs; its exit code once it has ended."""
+        """None while the kernel runs or is suspended; its exit code once it has ended."""
+        if self.suspended is not None:
+            return None  # no lock: a resume may hold it for as long as the queue takes
         with self._lock:
             kernel = self.kernel
             if kernel is None:
@@ -210,6 +240,9 @@ class KernelSession:
                 return None
             kernel.checked_at = time.monotonic()
             if not status.alive:
+                if status.exit_code == SUSPENDED_EXIT_CODE:
+                    self.kernel_suspended_itself()
+                    return None
                 kernel.exit_code = status.exit_code if status.exit_code is not None else -1
             return kernel.exit_code
 
@@ -229,6 +262,9 @@ class KernelSession:
         with self._lock:
             self.proxy.detach()
             self.kernel = None
+            if self.control is not None:
+                self.control.close()
+                self.control = None
 
     # ---- re-attach (a restarted Jupyter server finds its kernels again) ---------------------
 
@@ -263,6 +299,7 @@ class KernelSession:
                     "start a new kernel",
                 )
             upstream = {name: conn.forward(port) for name, port in reply.ports.items()}
+            self._upstream = upstream
             self.proxy.attach(upstream)
             self.kernel = RunningKernel(reply=reply, checked_at=time.monotonic())
         self._start_heartbeat()
@@ -301,6 +338,34 @@ class KernelSession:
                     lease.id,
                     reply.lease.state,
                 )
+                continue
+            self._tell_kernel(reply.lease)
+            for order in reply.orders:
+                if order.get("order") == "suspend":
+                    self.suspend(str(order.get("reason") or "idle"))
+
+    def _tell_kernel(self, lease: Lease) -> None:
+        """Share the lease with the kernel (for %gpu); it also keeps the orphan watchdog quiet."""
+        control = self.control
+        if control is None or lease.slot is None or lease.host is None:
+            return
+        info = {
+            "lease": {
+                "id": lease.id,
+                "host": lease.host.name,
+                "slot": lease.slot.id,
+                "kind": lease.slot.kind,
+                "device": lease.slot.device,
+                "granted_at": lease.granted_at,
+                "user": lease.user,
+            },
+            "queue": {"length": lease.queue_length},
+            "policy": {"heartbeat_interval": lease.heartbeat_interval},
+        }
+        try:
+            control.request("shared_gpu_info", info, timeout=5.0)
+        except (KernelControlError, zmq.ZMQError) as err:
+            log.debug("kernel %s did not take shared_gpu_info: %s", self.kernel_id, err)
 
     # ---- end ---------------------------------------------------------------------------------
 
@@ -308,6 +373,7 @@ class KernelSession:
         """Shutdown: remove the kernel's files on the host, release the lease, free local ports."""
         self._closed.set()
         self._cancel.set()
+        self.discard_suspended()
         with self._lock:
             if self.conn is not None and self.target is not None:
                 try:
@@ -317,6 +383,9 @@ class KernelSession:
                 self.conn.close()
                 self.conn = None
             self.kernel = None
+            if self.control is not None:
+                self.control.close()
+                self.control = None
             self._withdraw()
             self.proxy.close()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():

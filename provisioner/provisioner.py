@@ -44,7 +44,8 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     @property
     def has_process(self) -> bool:
-        return self.session is not None and self.session.kernel is not None
+        session = self.session
+        return session is not None and (session.kernel is not None or session.suspended is not None)
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -145,6 +146,9 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def shutdown_requested(self, restart: bool = False) -> None:
         # terminate()/kill() never learn about restarts (jupyter_client #1061): remember it here.
         self._restarting = restart
+        if self.session is not None and self.session.suspended is not None:
+            # nothing runs: drop the saved state now, so poll() says "ended" at once
+            await asyncio.to_thread(self.session.discard_suspended)
 
     async def cleanup(self, restart: bool = False) -> None:
         """On restart keep the lease, slot and proxy; otherwise release everything."""

@@ -1,0 +1,212 @@
+"""Suspend and resume for ``KernelSession``: give the GPU back, keep the notebook's state.
+
+Suspend (the broker's order in a heartbeat reply, or the kernel's own ``%gpu suspend`` / orphan
+watchdog): the kernel checkpoints its namespace and exits with ``SUSPENDED_EXIT_CODE``; we
+release the lease telling the broker where the checkpoint lives, and the proxy stands in for the
+kernel. ``poll()`` keeps answering None: to Jupyter the kernel is alive.
+
+Resume (the proxy calls ``resume`` in a thread of its own when a cell runs): lease a slot (any
+host), copy the checkpoint there if it moved, launch a kernel with the same key, send it
+``restore_request``, then attach the proxy, which sends the waiting cell. The cell shows each step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from broker.client import HostInfo
+from broker.errors import BrokerError
+from gpu_kernel import remote
+from gpu_kernel.checkpoint import SUSPENDED_EXIT_CODE, format_bytes
+from gpu_kernel.errors import SharedGPUError
+from gpu_kernel.ssh import HostTarget, connect
+from gpu_kernel.transfer import copy_checkpoint
+from provisioner.kernel_control import KernelControlError
+
+log = logging.getLogger(__name__)
+
+SUSPEND_TIMEOUT = 600.0  # writing 1 GiB of tensors takes seconds; a stuck kernel gets this long
+EXIT_TIMEOUT = 30.0  # from suspend_reply to the process being gone
+
+
+class ResumeError(SharedGPUError):
+    """The kernel's saved state could not be brought back."""
+
+
+@dataclass(frozen=True)
+class Suspended:
+    """Where a suspended kernel's checkpoint lives (the host it was written on)."""
+
+    host: HostInfo
+    target: HostTarget
+    path: str | None  # None: the default place in the kernel's runtime dir on that host
+    bytes: int
+    reason: str
+    since: float
+
+
+class SuspensionMixin:
+    """The suspend/resume half of ``KernelSession`` (which defines every attribute used here)."""
+
+    suspended: Suspended | None = None
+
+    # ---- suspend -----------------------------------------------------------------------------
+
+    def suspend(self, reason: str) -> bool:
+        """Checkpoint the idle kernel and give its slot back; False if it could not (busy)."""
+        with self._lock:
+            if self.kernel is None or self.suspended is not None or self.control is None:
+                return False
+            self.proxy.detach()  # cells run from now on wait, then resume the kernel
+            try:
+                reply = self.control.request(
+                    "suspend_request", {"reason": reason}, timeout=SUSPEND_TIMEOUT
+                )
+                if reply.get("status") != "ok":
+                    raise KernelControlError(
+                        f"the kernel refused to suspend: {reply.get('evalue') or reply}"
+                    )
+            except KernelControlError as err:
+                log.warning("kernel %s stays running: %s", self.kernel_id, err)
+                self.proxy.attach(self._upstream)
+                return False
+            self._wait_exit()
+            self._enter_suspended(reply.get("checkpoint"), int(reply.get("bytes") or 0), reason)
+            for line in reply.get("dropped_lines") or []:
+                self.progress(f"not saved: {line}")
+            return True
+
+    def _wait_exit(self) -> None:
+        deadline = time.monotonic() + EXIT_TIMEOUT
+        while time.monotonic() < deadline:
+            status = remote.status(self._connection(), self.target, self.kernel_id)
+            if not status.alive:
+                return
+            time.sleep(0.1)
+        log.warning("kernel %s did not exit after saving its state; killing it", self.kernel_id)
+        remote.kill(self._connection(), self.target, self.kernel_id)
+
+    def _enter_suspended(self, path: str | None, nbytes: int, reason: str) -> None:
+        """The kernel process has ended with its state saved: release the slot, stand in."""
+        lease = self.lease
+        assert lease is not None and lease.host is not None and self.target is not None
+        self.suspended = Suspended(lease.host, self.target, path, nbytes, reason, time.time())
+        self.kernel = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        self.lease = None
+        checkpoint = {
+            "host": lease.host.name,
+            "path": path or "",
+            "bytes": nbytes,
+            "kernel_id": self.kernel_id,
+        }
+        try:
+            self.client.release(lease.id, reason="suspended", checkpoint=checkpoint)
+        except BrokerError as err:
+            log.warning("could not release lease %s after suspending: %s", lease.id, err)
+        self.proxy.suspend(self.resume)
+        self.progress(
+            f"Suspended ({reason}): state saved on {lease.host.name} ({format_bytes(nbytes)}); "
+            "GPU slot given back; the next cell resumes the kernel"
+        )
+
+    def kernel_suspended_itself(self) -> None:
+        """``poll`` saw exit code 75: ``%gpu suspend`` or the orphan watchdog saved the state."""
+        self._enter_suspended(None, 0, "by the kernel")
+
+    # ---- resume ------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Bring the kernel back (the proxy calls this in its own thread when a cell runs)."""
+        say = self.proxy.publish_progress
+        started = time.monotonic()
+        try:
+            with self._lock:
+                suspended = self.suspended
+                if suspended is None:
+                    return
+                say("Shared GPU: resuming the kernel; asking for a GPU slot")
+                lease = self.acquire_lease(say=say, resume_from=self.kernel_id)
+                path = self._bring_checkpoint(suspended, say)
+                self._start_kernel(attach=False)
+                assert self.control is not None and lease.slot is not None
+                reply = self.control.request(
+                    "restore_request", {"checkpoint": path}, timeout=SUSPEND_TIMEOUT
+                )
+                if reply.get("status") != "ok":
+                    self._abort_resume()
+                    raise ResumeError(
+                        f"the saved state was refused: {reply.get('evalue') or reply}",
+                        "restart the kernel to start with an empty namespace",
+                    )
+                self.suspended = None
+                self.proxy.attach(self._upstream)
+                restored = reply.get("restored") or []
+                say(
+                    f"Resumed on {lease.host.name} slot {lease.slot.id}: restored "
+                    f"{len(restored)} variables ({format_bytes(int(reply.get('bytes') or 0))}) "
+                    f"in {float(reply.get('seconds') or 0):.1f}s, "
+                    f"{time.monotonic() - started:.1f}s in all"
+                )
+                for item in reply.get("dropped") or []:
+                    say(f"  not restored: {item.get('name')}: {item.get('reason')}")
+            self._forget_checkpoint()
+        except SharedGPUError as err:
+            log.warning("resume of kernel %s failed: %s", self.kernel_id, err)
+            self.proxy.resume_failed(str(err))
+
+    def _bring_checkpoint(self, suspended: Suspended, say) -> str | None:
+        """Copy the checkpoint to the newly leased host when it moved; return its path there."""
+        assert self.lease is not None and self.lease.host is not None
+        new = self._target()
+        old = suspended.target
+        if (new.address, new.port, new.user) == (old.address, old.port, old.user):
+            return suspended.path
+        say(
+            f"Copying the saved state ({format_bytes(suspended.bytes)}) from "
+            f"{suspended.host.name} to {self.lease.host.name}"
+        )
+        src = connect(old)
+        try:
+            copy_checkpoint(src, old, self._connection(), new, self.kernel_id)
+            remote.cleanup(src, old, self.kernel_id)
+        finally:
+            src.close()
+        return None  # the default place on the new host
+
+    def _abort_resume(self) -> None:
+        """A kernel launched for a resume could not take the state: end it, free its slot."""
+        if self.kernel is not None:
+            remote.kill(self._connection(), self.target, self.kernel_id)
+            self.kernel = None
+        if self.control is not None:
+            self.control.close()
+            self.control = None
+        self._withdraw()
+
+    def _forget_checkpoint(self) -> None:
+        try:
+            self.client.forget_checkpoint(self.kernel_id)
+        except BrokerError as err:
+            log.info("broker did not forget checkpoint of %s: %s", self.kernel_id, err)
+
+    def discard_suspended(self) -> None:
+        """Shutdown or restart while suspended: delete the checkpoint; nothing is left running."""
+        with self._lock:
+            suspended, self.suspended = self.suspended, None
+            if suspended is None:
+                return
+            try:
+                with connect(suspended.target) as conn:
+                    remote.cleanup(conn, suspended.target, self.kernel_id)
+            except SharedGPUError as err:
+                log.warning("could not delete the checkpoint of %s: %s", self.kernel_id, err)
+            self._forget_checkpoint()
+            self.proxy.detach()
+
+
+__all__ = ["SUSPENDED_EXIT_CODE", "ResumeError", "Suspended", "SuspensionMixin"]

@@ -428,8 +428,15 @@ class Scheduler:
         if lease is None:
             return []
         activity = event.last_activity if event.last_activity is not None else lease.last_activity
+        asked = lease.suspend_requested_at
+        if asked is not None and (event.busy or (activity is not None and activity > asked)):
+            asked = None  # used since we asked: that order is moot; decide afresh when idle again
         self._leases[lease.id] = replace(
-            lease, last_heartbeat=event.now, busy=event.busy, last_activity=activity
+            lease,
+            last_heartbeat=event.now,
+            busy=event.busy,
+            last_activity=activity,
+            suspend_requested_at=asked,
         )
         return []
 

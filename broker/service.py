@@ -113,7 +113,6 @@ class BrokerService:
         self._max_per_user = max_leases_per_user
         self._changed: dict[str, tornado.locks.Event] = {}
         self._orders: dict[str, list[dict[str, str]]] = {}  # lease id -> undelivered orders
-        self._ordered: set[str] = set()  # leases already ordered to suspend
         self._fencing: set[str] = set()  # slot ids with a fence in flight
         self._sweeping: set[str] = set()  # kernel ids whose checkpoint is being deleted
         self._sweep_due: dict[str, float] = {}
@@ -389,11 +388,7 @@ class BrokerService:
                 user = lease.user if lease else ""
                 store.put_fence(FenceRow(d.slot_id, d.lease_id, d.host, d.kernel_id, user, now))
                 store.log(now, "fence_needed", d.lease_id, user, slot=d.slot_id, host=d.host)
-            elif (
-                SuspendIdle is not None
-                and isinstance(d, SuspendIdle)
-                and d.lease_id not in self._ordered
-            ):
+            elif SuspendIdle is not None and isinstance(d, SuspendIdle):
                 store.log(now, "suspend_ordered", d.lease_id, reason=d.reason)
 
     def _after(self, decisions: list[Decision], now: float) -> None:
@@ -406,16 +401,14 @@ class BrokerService:
                     self.metrics.observe_wait(max(0.0, now - lease.created_at))
             if isinstance(d, Released | Expired | Dropped):
                 self._orders.pop(d.lease_id, None)
-                self._ordered.discard(d.lease_id)
             if (
                 SuspendIdle is not None
                 and isinstance(d, SuspendIdle)
-                and d.lease_id not in self._ordered
                 and self.scheduler.lease(d.lease_id)
             ):
-                self._ordered.add(d.lease_id)
+                # the scheduler asks once per idle spell; a newer order replaces an undelivered one
                 order = {"order": "suspend", "reason": str(d.reason)}
-                self._orders.setdefault(d.lease_id, []).append(order)
+                self._orders[d.lease_id] = [order]
             if FenceNeeded is not None and isinstance(d, FenceNeeded):
                 self._start_fence(d)
 

@@ -78,6 +78,12 @@ def _parser() -> argparse.ArgumentParser:
         help='how long SSH connect + kernel start may take (default: "60s")',
     )
     inst.add_argument(
+        "--orphan-grace",
+        default="120s",
+        help="a kernel that hears nothing from this Jupyter server for this long saves its "
+        'state and exits, freeing its GPU (default: "120s")',
+    )
+    inst.add_argument(
         "--ssh-key-file", help="SSH key to use instead of the one the broker's config names"
     )
     inst.add_argument(
@@ -102,6 +108,7 @@ def _config_from(args: argparse.Namespace) -> dict:
         "token_file": args.token_file,
         "lease_timeout": args.lease_timeout,
         "launch_timeout": args.launch_timeout,
+        "orphan_grace": args.orphan_grace,
     }
     if args.ssh_key_file:
         config["ssh_key_file"] = args.ssh_key_file

@@ -184,7 +184,8 @@ class KernelSession(SuspensionMixin):
         with self._lock:
             if self._launch is None:
                 self.proxy.configure_session(key, signature_scheme)
-            self._launch = (key, signature_scheme, env)
+            grace = {"SHARED_GPU_ORPHAN_GRACE": f"{self.settings.orphan_grace:g}"}
+            self._launch = (key, signature_scheme, {**env, **grace})
             self._start_kernel(attach=True)
             return self.proxy.ports
 
@@ -206,17 +207,39 @@ class KernelSession(SuspensionMixin):
             runtime_root=None,
         )
         reply = remote.launch(conn, self.target, request)
-        self._upstream = {name: conn.forward(port) for name, port in reply.ports.items()}
-        if self.control is not None:
-            self.control.close()
-        self.control = KernelControl(self._upstream["control"], key, scheme)
         self.kernel = RunningKernel(reply=reply, checked_at=time.monotonic())
-        if attach:
-            self.proxy.attach(self._upstream)
+        self._forward(conn, attach)
         self.progress(
             f"Kernel running on {self.lease.host.name} ({reply.hostname}), slot "
             f"{self.lease.slot.id}, CUDA_VISIBLE_DEVICES={self.lease.slot.device}"
         )
+
+    def _forward(self, conn: HostConnection, attach: bool) -> None:
+        """Tunnel the running kernel's ports over ``conn``; a control client for ourselves."""
+        assert self.kernel is not None and self._launch is not None
+        key, scheme, _ = self._launch
+        ports = self.kernel.reply.ports
+        self._upstream = {name: conn.forward(port) for name, port in ports.items()}
+        if self.control is not None:
+            self.control.close()
+        self.control = KernelControl(self._upstream["control"], key, scheme)
+        if attach:
+            self.proxy.attach(self._upstream)
+
+    def ensure_connected(self) -> None:
+        """After an SSH drop: reconnect, tunnel again, re-attach (the kernel outlived the drop)."""
+        with self._lock:
+            if self.kernel is None or self.conn is None or self.conn.is_alive():
+                return
+            log.warning("SSH connection to %s dropped; reconnecting", self.target.name)
+            self.proxy.hold()  # cells wait here, not in sockets bound for a dead tunnel
+            try:
+                conn = self._connection()
+            except SharedGPUError as err:
+                log.warning("cannot reconnect to %s yet: %s", self.target.name, err)
+                return
+            self._forward(conn, attach=True)  # attach waits for IOPub, then sends what waited
+            self.progress(f"Reconnected to kernel {self.kernel_id} on {self.target.name}")
 
     def poll(self) -> int | None:
         """None while the kernel runs or is suspended; its exit code once it has ended."""
@@ -231,6 +254,7 @@ class KernelSession(SuspensionMixin):
             if time.monotonic() - kernel.checked_at < POLL_CACHE_S:
                 return None
             try:
+                self.ensure_connected()  # a drop must re-tunnel, not just reconnect
                 status = remote.status(self._connection(), self.target.python, self.kernel_id)
             except SharedGPUError as err:
                 # The host is unreachable for now: the kernel may well be alive (it outlives
@@ -324,6 +348,7 @@ class KernelSession(SuspensionMixin):
             lease = self.lease
             if lease is None or lease.state != "granted":
                 continue
+            self.ensure_connected()
             activity = self.proxy.activity()
             try:
                 reply = self._heartbeat_client.heartbeat(

@@ -66,6 +66,7 @@ class ProxyState(Enum):
     DETACHED = "detached"
     SYNCING = "syncing"  # upstream connected, waiting for IOPub to flow before sending requests
     ATTACHED = "attached"
+    HOLDING = "holding"  # connected, replies flow, new requests wait (a suspend is being asked)
     SUSPENDED = "suspended"  # no kernel process: the proxy answers what it can alone
     RESUMING = "resuming"  # on_resume is bringing a kernel back; requests wait
 
@@ -182,6 +183,14 @@ class SessionProxy:
         """Close the upstream sockets; shell and control requests queue until the next attach."""
         self._call("detach", None)
 
+    def hold(self) -> None:
+        """Keep new requests back while replies still flow (before asking the kernel to suspend)."""
+        self._call("hold", None)
+
+    def release(self) -> None:
+        """Send what ``hold`` kept back and forward again (the kernel would not suspend)."""
+        self._call("release", None)
+
     def configure_session(self, key: bytes, signature_scheme: str = "hmac-sha256") -> None:
         """Give the proxy the HMAC key, so it can answer and report while the kernel is away."""
         self._call("session", (key, signature_scheme))
@@ -282,6 +291,12 @@ class SessionProxy:
                     self._session = Session(
                         key=key, signature_scheme=scheme, username="shared-gpu", check_pid=False
                     )
+                elif name == "hold":
+                    if self._state is ProxyState.ATTACHED:
+                        self._state = ProxyState.HOLDING
+                elif name == "release":
+                    if self._state is ProxyState.HOLDING:
+                        self._set_attached()
                 elif name == "suspend":
                     self._do_suspend(arg)
                 elif name == "progress":

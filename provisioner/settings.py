@@ -57,6 +57,7 @@ class ProvisionerSettings:
     token_file: str = DEFAULT_TOKEN_FILE
     lease_timeout: float = 600.0  # how long to wait in the queue before giving up
     launch_timeout: float = 60.0  # SSH connect + kernel start
+    orphan_grace: float = 120.0  # a kernel that hears nothing from us this long saves, exits
     ssh_key_file: str | None = None  # overrides the broker's key_file for this Jupyter server
     known_hosts_file: str | None = None  # overrides the broker's known_hosts
 
@@ -92,7 +93,7 @@ class ProvisionerSettings:
             problems.append(
                 f"slot_kind {values['slot_kind']!r} may hold only letters, digits, '.', '_', '-'"
             )
-        for key in ("lease_timeout", "launch_timeout"):
+        for key in ("lease_timeout", "launch_timeout", "orphan_grace"):
             if key in config:
                 try:
                     values[key] = parse_seconds(config[key], key)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from broker.client import HostInfo
@@ -59,7 +60,7 @@ class SuspensionMixin:
         with self._lock:
             if self.kernel is None or self.suspended is not None or self.control is None:
                 return False
-            self.proxy.detach()  # cells run from now on wait, then resume the kernel
+            self.proxy.hold()  # cells run from now on wait (then resume the kernel)
             try:
                 reply = self.control.request(
                     "suspend_request", {"reason": reason}, timeout=SUSPEND_TIMEOUT
@@ -70,7 +71,7 @@ class SuspensionMixin:
                     )
             except KernelControlError as err:
                 log.warning("kernel %s stays running: %s", self.kernel_id, err)
-                self.proxy.attach(self._upstream)
+                self.proxy.release()
                 return False
             self._wait_exit()
             self._enter_suspended(reply.get("checkpoint"), int(reply.get("bytes") or 0), reason)
@@ -131,7 +132,7 @@ class SuspensionMixin:
                     return
                 say("Shared GPU: resuming the kernel; asking for a GPU slot")
                 lease = self.acquire_lease(say=say, resume_from=self.kernel_id)
-                path = self._bring_checkpoint(suspended, say)
+                path, moved_from = self._bring_checkpoint(suspended, say)
                 self._start_kernel(attach=False)
                 assert self.control is not None and lease.slot is not None
                 reply = self.control.request(
@@ -143,8 +144,6 @@ class SuspensionMixin:
                         f"the saved state was refused: {reply.get('evalue') or reply}",
                         "restart the kernel to start with an empty namespace",
                     )
-                self.suspended = None
-                self.proxy.attach(self._upstream)
                 restored = reply.get("restored") or []
                 say(
                     f"Resumed on {lease.host.name} slot {lease.slot.id}: restored "
@@ -154,29 +153,39 @@ class SuspensionMixin:
                 )
                 for item in reply.get("dropped") or []:
                     say(f"  not restored: {item.get('name')}: {item.get('reason')}")
+                self.suspended = None
+                self.proxy.attach(self._upstream)  # the waiting cell runs now
+                if moved_from is not None:
+                    self._delete_checkpoint(moved_from)
             self._forget_checkpoint()
         except SharedGPUError as err:
             log.warning("resume of kernel %s failed: %s", self.kernel_id, err)
             self.proxy.resume_failed(str(err))
 
-    def _bring_checkpoint(self, suspended: Suspended, say) -> str | None:
-        """Copy the checkpoint to the newly leased host when it moved; return its path there."""
+    def _bring_checkpoint(
+        self, suspended: Suspended, say: Callable[[str], None]
+    ) -> tuple[str | None, HostTarget | None]:
+        """Copy the checkpoint to the newly leased host if it moved: (path there, old host)."""
         assert self.lease is not None and self.lease.host is not None
         new = self._target()
         old = suspended.target
         if (new.address, new.port, new.user) == (old.address, old.port, old.user):
-            return suspended.path
+            return suspended.path, None
         say(
             f"Copying the saved state ({format_bytes(suspended.bytes)}) from "
             f"{suspended.host.name} to {self.lease.host.name}"
         )
-        src = connect(old)
-        try:
+        with connect(old) as src:
             copy_checkpoint(src, old, self._connection(), new, self.kernel_id)
-            remote.cleanup(src, old, self.kernel_id)
-        finally:
-            src.close()
-        return None  # the default place on the new host
+        return None, old  # None: the default place on the new host
+
+    def _delete_checkpoint(self, target: HostTarget) -> None:
+        """Remove the kernel's files (its old checkpoint) from a host it has left."""
+        try:
+            with connect(target) as conn:
+                remote.cleanup(conn, target, self.kernel_id)
+        except SharedGPUError as err:
+            log.warning("could not delete the old checkpoint on %s: %s", target.name, err)
 
     def _abort_resume(self) -> None:
         """A kernel launched for a resume could not take the state: end it, free its slot."""
@@ -200,11 +209,7 @@ class SuspensionMixin:
             suspended, self.suspended = self.suspended, None
             if suspended is None:
                 return
-            try:
-                with connect(suspended.target) as conn:
-                    remote.cleanup(conn, suspended.target, self.kernel_id)
-            except SharedGPUError as err:
-                log.warning("could not delete the checkpoint of %s: %s", self.kernel_id, err)
+            self._delete_checkpoint(suspended.target)
             self._forget_checkpoint()
             self.proxy.detach()
 

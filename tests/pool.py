@@ -32,8 +32,16 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
         'database = "broker.sqlite"',
         "",
         "[policy]",
-        f'heartbeat_interval = "{policy.get("heartbeat_interval", "1s")}"',
-        f'heartbeat_timeout = "{policy.get("heartbeat_timeout", "10s")}"',
+        *(
+            f'{key} = "{value}"'
+            for key, value in {
+                "heartbeat_interval": "1s",
+                "heartbeat_timeout": "10s",
+                "idle_suspend_after": "1h",
+                "idle_suspend_when_queued": "1h",
+                **policy,
+            }.items()
+        ),
     ]
     for index, host in enumerate(hosts):
         lines += [
@@ -57,7 +65,7 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
 class Pool:
     """A running broker over some test hosts, and kernelspecs that point at it."""
 
-    def __init__(self, base: Path, hosts: list[TestHost], keys: ClientKeys) -> None:
+    def __init__(self, base: Path, hosts: list[TestHost], keys: ClientKeys, **policy: str) -> None:
         self.base = base
         self.hosts = hosts
         self.keys = keys
@@ -65,7 +73,7 @@ class Pool:
         self.url = f"http://127.0.0.1:{self.port}"
         base.mkdir(parents=True, exist_ok=True)
         self.config = base / "broker.toml"
-        self.config.write_text(broker_config(self.port, hosts, keys))
+        self.config.write_text(broker_config(self.port, hosts, keys, **policy))
         self.proc: subprocess.Popen | None = None
         self.kernels_dir = base / "jupyter" / "kernels"
         self.admin_token = ""

@@ -71,6 +71,7 @@ class TestHost:
         self.host_key_line = f"{pub[0]} {pub[1]}"
         self.port = self.port or free_port()
         self.user = getpass.getuser()
+        self.runtime_root = self.dir / "kernels"
 
     @property
     def known_hosts_line(self) -> str:
@@ -98,7 +99,9 @@ class TestHost:
                     "LogLevel ERROR",
                     # A session killed mid-`pyenv rehash` (from ~/.bashrc) leaves a lock that
                     # makes every later login wait 60 s; with this it waits 1 s at most.
-                    "SetEnv PYENV_REHASH_TIMEOUT=1",
+                    # Each test host keeps its kernels (and checkpoints) apart, as separate
+                    # machines would.
+                    f"SetEnv PYENV_REHASH_TIMEOUT=1 SHARED_GPU_RUNTIME_ROOT={self.runtime_root}",
                     "",
                 ]
             )

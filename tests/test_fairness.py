@@ -225,3 +225,19 @@ def test_idle_decisions() -> None:
     assert SuspendIdle("busy", "idle") not in s.handle(Tick(4999))  # busy: never for idleness
     assert s.handle(Tick(5000)) == [SuspendIdle("busy", "max_lease")]
     assert s.slot_state("s1") == "busy"
+
+
+def test_a_kernel_used_after_the_suspend_order_gets_a_new_order_once_idle_again():
+    from broker.scheduler import Heartbeat, Policy, RequestLease, Scheduler, SuspendIdle, Tick
+    from broker.slots import SlotState
+
+    policy = Policy(heartbeat_timeout=60, queue_timeout=0, idle_suspend_after=10)
+    sched = Scheduler([SlotState("h/0", "h", "sim")], policy, 1)
+    sched.handle(RequestLease("L", "ann", "sim", "k", now=0))
+    sched.handle(Heartbeat("L", now=5, busy=False, last_activity=0))
+    assert [d for d in sched.handle(Tick(now=11)) if isinstance(d, SuspendIdle)]
+    # a cell started just as the order was on its way: the kernel refused, and ran the cell
+    sched.handle(Heartbeat("L", now=12, busy=True, last_activity=11.5))
+    sched.handle(Heartbeat("L", now=14, busy=False, last_activity=13))
+    assert not [d for d in sched.handle(Tick(now=15)) if isinstance(d, SuspendIdle)]
+    assert [d for d in sched.handle(Tick(now=24)) if isinstance(d, SuspendIdle)]

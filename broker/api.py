@@ -20,9 +20,9 @@ import tornado.web
 
 from broker import auth
 from broker.auth import Identity, may_act, may_see
-from broker.scheduler import Lease
+from broker.host_records import CheckpointRow
+from broker.leases import Lease
 from broker.service import BrokerService, LeaseRefused
-from broker.store import CheckpointRow
 from broker.views import checkpoint_json, host_json, lease_json, slot_json, status_json
 
 __all__ = [

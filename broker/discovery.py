@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from broker.config import HostConfig, SlotConfig
+from broker.hosts_config import HostConfig, SlotConfig
 from gpu_kernel.errors import SharedGPUError
 from gpu_kernel.ssh import HostTarget, connect
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 from broker.classes import GroupConfig
 
 if TYPE_CHECKING:
-    from broker.scheduler import Policy, SlotState
+    from broker.policy import Policy
+    from broker.slots import SlotState
 
 # ----------------------------------------------------------------------------- events
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from broker.classes import GroupConfig
 
 if TYPE_CHECKING:
-    from broker.scheduler import Lease
+    from broker.leases import Lease
 
 ANY_KIND = "any"
 

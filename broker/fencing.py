@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from broker.config import HostConfig
+from broker.hosts_config import HostConfig
 from gpu_kernel import remote
 from gpu_kernel.errors import SharedGPUError
 from gpu_kernel.ssh import HostConnection, HostTarget, connect

@@ -26,8 +26,8 @@ Rules (``broker.fairness`` holds the order and the reservations, ``broker.quota`
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from dataclasses import replace
+from functools import partial
 
 from broker.classes import GroupConfig
 from broker.events import (
@@ -57,15 +57,14 @@ from broker.fairness import (
     blocked,
     charge_group,
     grant_order,
-    groups_for,
-    quota_hours,
     reservation_needs,
 )
-from broker.quota import UsageLedger, UsageRecord, day_of, overlap_today, quota_message
-from broker.slots import Fence, SlotPool, SlotState
-
-if TYPE_CHECKING:
-    from broker.config import PolicyConfig
+from broker.idle import asked_recently, slot_wanted, suspend_reason, wanted_kinds
+from broker.leases import Lease, fits
+from broker.policy import Policy, may_hold
+from broker.quota import UsageRecord, day_of, quota_message
+from broker.scheduler_state import SchedulerState
+from broker.slots import Fence, SlotState
 
 __all__ = [
     "ANY_KIND",
@@ -100,238 +99,10 @@ __all__ = [
     "may_hold",
 ]
 
-LeaseState = Literal["queued", "granted", "released", "expired"]
 
-
-@dataclass(frozen=True)
-class Lease:
-    """One lease. The scheduler holds only live ones (queued or granted); the store keeps all."""
-
-    id: str
-    user: str
-    kind: str
-    kernel_id: str
-    seq: int
-    created_at: float
-    state: LeaseState = "queued"
-    slot_id: str | None = None
-    granted_at: float | None = None
-    last_heartbeat: float | None = None
-    busy: bool = False
-    last_activity: float | None = None
-    ended_at: float | None = None
-    end_reason: str | None = None  # "released", "heartbeat_timeout", "queue_timeout"
-    group: str | None = None  # the group whose max_slots_per_user this lease counts against
-    suspend_requested_at: float | None = None  # when SuspendIdle was last issued for it
-    suspend_reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Policy:
-    """The scheduler's knobs: ``[policy]`` of the config in seconds, and the groups."""
-
-    heartbeat_timeout: float = 60.0
-    queue_timeout: float = 0.0
-    max_leases_per_user: int = 4
-    idle_suspend_after: float = 900.0
-    idle_suspend_when_queued: float = 30.0
-    max_lease: float = 43200.0
-    usage_half_life: float = 86400.0
-    fence_retry: float = 30.0
-    suspend_retry: float = 300.0
-    aging_after: float | None = None  # None: 4 x idle_suspend_when_queued, at least 2 min
-    groups: tuple[GroupConfig, ...] = ()
-
-    @property
-    def aging(self) -> float:
-        """A request waiting this long goes before newer ones, whatever its usage."""
-        if self.aging_after is not None:
-            return self.aging_after
-        return max(120.0, 4 * self.idle_suspend_when_queued)
-
-    @classmethod
-    def from_config(cls, config: PolicyConfig, groups: Iterable[GroupConfig] = ()) -> Policy:
-        """The scheduler's policy from ``Config.policy`` and ``Config.groups``."""
-        return cls(
-            heartbeat_timeout=config.heartbeat_timeout,
-            queue_timeout=config.queue_timeout,
-            max_leases_per_user=config.max_leases_per_user,
-            idle_suspend_after=config.idle_suspend_after,
-            idle_suspend_when_queued=config.idle_suspend_when_queued,
-            max_lease=config.max_lease,
-            usage_half_life=config.usage_half_life,
-            fence_retry=config.fence_retry,
-            groups=tuple(groups),
-        )
-
-
-def fits(lease: Lease, slot: SlotState) -> bool:
-    """True when ``slot`` is free, not drained and of the kind ``lease`` asks for."""
-    return (
-        slot.lease_id is None
-        and not slot.drained
-        and (lease.kind == ANY_KIND or lease.kind == slot.kind)
-    )
-
-
-def _since(start: float | None, now: float) -> float:
-    """``start``, or ``now`` when there is none (0.0 is a valid time in tests)."""
-    return now if start is None else start
-
-
-def may_hold(held: int, policy: Policy) -> bool:
-    """True when a user holding ``held`` granted leases may be granted one more."""
-    return held < policy.max_leases_per_user
-
-
-class Scheduler:
+class Scheduler(SchedulerState):
     """Holds the pool's slots and the live leases; ``handle`` is the only way to change them.
     ``groups`` (or ``policy.groups``) turn on group rules; without any, every user is open."""
-
-    def __init__(
-        self,
-        slots: Iterable[SlotState],
-        policy: Policy | None = None,
-        next_seq: int = 1,
-        groups: Iterable[GroupConfig] = (),
-    ) -> None:
-        policy = policy or Policy()
-        groups = tuple(groups)
-        self.policy = replace(policy, groups=groups) if groups else policy
-        self.pool = SlotPool(slots)
-        self._leases: dict[str, Lease] = {}
-        self._queue: list[str] = []  # lease ids, in grant_order as of the last event
-        self._next_seq = next_seq
-        self._granted: dict[str, tuple[str, ...]] = {}  # user -> granted lease ids
-        self._in_group: dict[tuple[str, str], int] = {}  # (user, group) -> granted leases
-        self.usage = UsageLedger(self.policy.usage_half_life)
-        self._pruned_day = -1
-
-    # -- queries ---------------------------------------------------------------------------
-
-    @property
-    def kinds(self) -> list[str]:
-        """The slot kinds in the pool (retired slots aside), sorted."""
-        return self.pool.kinds()
-
-    @property
-    def next_seq(self) -> int:
-        return self._next_seq
-
-    def lease(self, lease_id: str) -> Lease | None:
-        """The live lease with that id, or None when it ended or never existed."""
-        return self._leases.get(lease_id)
-
-    def leases(self) -> list[Lease]:
-        """All live leases, in seq order."""
-        return sorted(self._leases.values(), key=lambda lease: lease.seq)
-
-    def slots(self) -> list[SlotState]:
-        """Every slot, retired ones (gone from the config, still leased or fenced) last."""
-        return self.pool.all()
-
-    def slot(self, slot_id: str) -> SlotState | None:
-        return self.pool.get(slot_id)
-
-    def slot_state(self, slot_id: str) -> str:
-        """ "busy", "fencing", "unreachable", "drained" or "free" (KeyError: no such slot)."""
-        return self.pool.state(slot_id)
-
-    def fences(self) -> list[Fence]:
-        """Slots waiting for fencing (the service persists them; ``restore_fences``)."""
-        return self.pool.fences()
-
-    def free_slots(self) -> list[SlotState]:
-        """Slots that may be granted now, in pool order."""
-        return self.pool.free()
-
-    def queue(self) -> list[Lease]:
-        """Queued leases, first to be served first."""
-        return [self._leases[lease_id] for lease_id in self._queue]
-
-    @property
-    def queue_length(self) -> int:
-        return len(self._queue)
-
-    def positions(self) -> dict[str, int]:
-        """Lease id -> queue position, 1..n."""
-        return {lease_id: index for index, lease_id in enumerate(self._queue, start=1)}
-
-    def position(self, lease_id: str) -> int | None:
-        try:
-            return self._queue.index(lease_id) + 1
-        except ValueError:
-            return None
-
-    def held_by(self, user: str) -> int:
-        """How many granted leases ``user`` holds."""
-        return len(self._granted.get(user, ()))
-
-    def held_in_group(self, user: str, group: str) -> int:
-        """How many of ``user``'s granted leases count against ``group``'s slots per user."""
-        return self._in_group.get((user, group), 0)
-
-    def groups_of(self, user: str) -> tuple[GroupConfig, ...]:
-        """``user``'s groups, highest priority first (empty: an open user)."""
-        return groups_for(user, self.policy.groups)
-
-    def quota_seconds(self, user: str) -> float | None:
-        """``user``'s GPU-seconds per UTC day, or None for no limit."""
-        hours = quota_hours(self.groups_of(user))
-        return None if hours is None else hours * 3600.0
-
-    def usage_today(self, user: str, now: float) -> float:
-        """GPU-seconds ``user`` used on ``now``'s UTC day: ended leases and live ones."""
-        used = self.usage.used_on(user, day_of(now))
-        for lease_id in self._granted.get(user, ()):
-            lease = self._leases[lease_id]
-            used += overlap_today(_since(lease.granted_at, now), now, now)
-        return used
-
-    def recent_usage(self, user: str, now: float) -> float:
-        """Decayed GPU-seconds of ``user`` (fair order): ended leases decayed, live ones whole."""
-        used = self.usage.decayed_at(user, now)
-        for lease_id in self._granted.get(user, ()):
-            used += max(0.0, now - _since(self._leases[lease_id].granted_at, now))
-        return used
-
-    def snapshot(self) -> tuple:
-        """An opaque copy of the state; ``rollback(snapshot)`` returns to it (the service does
-        so when the store fails to commit an event's decisions)."""
-        return (
-            self.policy,
-            self.pool.state_copy(),
-            dict(self._leases),
-            list(self._queue),
-            self._next_seq,
-            dict(self._granted),
-            dict(self._in_group),
-            self.usage.state(),
-            self._pruned_day,
-        )
-
-    def rollback(self, snapshot: tuple) -> None:
-        policy, pool, leases, queue, next_seq, granted, in_group, usage, pruned = snapshot
-        self.policy, self._next_seq, self._pruned_day = policy, next_seq, pruned
-        self.pool.set_state(pool)
-        self._leases, self._queue = dict(leases), list(queue)
-        self._granted, self._in_group = dict(granted), dict(in_group)
-        self.usage.half_life = policy.usage_half_life
-        self.usage.set_state(usage)
-
-    # -- restoring after a restart ---------------------------------------------------------
-
-    def restore_usage(self, records: Iterable[UsageRecord]) -> None:
-        """Load ended leases (the service feeds those of the last 2 days from the store), so
-        quotas and fair order survive a restart. Call before ``restore``."""
-        for record in records:
-            self.usage.add(record)
-
-    def restore_fences(self, fences: Iterable[Fence], now: float) -> None:
-        """Load slots that were being fenced when the broker stopped; they come back
-        unreachable and the next ``Tick`` asks for fencing again. Unknown slots are skipped."""
-        for fence in fences:
-            self.pool.restore_fence(fence)
 
     def restore(self, leases: Iterable[Lease], now: float) -> list[Decision]:
         """Load live leases from the store (broker start). Granted ones keep their slots and get
@@ -465,30 +236,22 @@ class Scheduler:
         return decisions
 
     def _suspensions(self, now: float) -> list[Decision]:
-        """SuspendIdle for each granted lease that should give its slot back (see module doc)."""
+        """SuspendIdle for each granted lease that should give its slot back (``broker.idle``)."""
         policy = self.policy
-        wanted = self._wanted_kinds()
+        wanted = wanted_kinds(self.queue(), self.groups_of)
         out: list[Decision] = []
         for lease in self.leases():
             if lease.state != "granted" or lease.slot_id is None:
                 continue
-            asked = lease.suspend_requested_at
-            if asked is not None and now - asked < policy.suspend_retry:
+            if asked_recently(lease, now, policy):
                 continue
-            quota = self.quota_seconds(lease.user)
-            idle = now - (lease.last_activity if lease.last_activity is not None else 0.0)
-            idle = min(idle, now - _since(lease.granted_at, now))
-            reason = None
-            if quota is not None and self.usage_today(lease.user, now) >= quota:
-                reason = "quota"
-            elif now - _since(lease.granted_at, now) >= policy.max_lease:
-                reason = "max_lease"
-            elif lease.busy:
-                continue
-            elif idle >= policy.idle_suspend_after:
-                reason = "idle"
-            elif idle >= policy.idle_suspend_when_queued and self._is_wanted(lease.slot_id, wanted):
-                reason = "idle_while_queued"
+            reason = suspend_reason(
+                lease,
+                now,
+                policy,
+                self.over_quota(lease.user, now),
+                partial(self._is_wanted, lease.slot_id, wanted),
+            )
             if reason is not None:
                 self._leases[lease.id] = replace(
                     lease, suspend_requested_at=now, suspend_reason=reason
@@ -496,23 +259,8 @@ class Scheduler:
                 out.append(SuspendIdle(lease.id, reason))
         return out
 
-    def _wanted_kinds(self) -> set[str]:
-        """Kinds some queued request could use ("*": any kind)."""
-        wanted: set[str] = set()
-        for lease in self.queue():
-            groups = self.groups_of(lease.user)
-            if lease.kind != ANY_KIND:
-                if not groups or any(group.allows(lease.kind) for group in groups):
-                    wanted.add(lease.kind)
-            elif not groups or any(not group.kinds for group in groups):
-                wanted.add("*")
-            else:
-                wanted.update(k for group in groups for k in group.kinds)
-        return wanted
-
     def _is_wanted(self, slot_id: str, wanted: set[str]) -> bool:
-        slot = self.pool.get(slot_id)
-        return slot is not None and not slot.retired and ("*" in wanted or slot.kind in wanted)
+        return slot_wanted(self.pool.get(slot_id), wanted)
 
     def _reconfigure(self, event: Reconfigure) -> list[Decision]:
         self.policy = replace(event.policy, groups=tuple(event.groups))
@@ -530,46 +278,7 @@ class Scheduler:
                     self._in_group[key] = self._in_group.get(key, 0) + 1
         return self._assign(event.now)
 
-    # -- internals -------------------------------------------------------------------------
-
-    def _attribute(self, user: str, kind: str) -> str | None:
-        """The group a lease of ``user`` on a slot of ``kind`` counts against (restore, reload):
-        one with room, else the first that allows the kind, else None."""
-        groups = self.groups_of(user)
-        held = {group.name: self.held_in_group(user, group.name) for group in groups}
-        group = charge_group(kind, groups, held)
-        if group is None:
-            group = next((g for g in groups if g.allows(kind)), None)
-        return group.name if group is not None else None
-
-    def _end(self, lease: Lease, now: float, fence: bool = False) -> None:
-        """Forget a lease that ended; free its slot (fence it first: ``fence``) or take it out
-        of the queue; count its GPU time."""
-        del self._leases[lease.id]
-        if lease.slot_id is None:
-            self._queue.remove(lease.id)
-            return
-        self.usage.add(UsageRecord(lease.user, _since(lease.granted_at, now), now))
-        remaining = tuple(i for i in self._granted[lease.user] if i != lease.id)
-        if remaining:
-            self._granted[lease.user] = remaining
-        else:
-            del self._granted[lease.user]
-        if lease.group is not None:
-            key = (lease.user, lease.group)
-            self._in_group[key] -= 1
-            if not self._in_group[key]:
-                del self._in_group[key]
-        self.pool.vacate(lease.slot_id, lease if fence else None, now)
-
-    def _take(self, slot_id: str, lease: Lease) -> None:
-        """Record ``lease`` (already granted, with its group) as holding ``slot_id``."""
-        self.pool.occupy(slot_id, lease.id)
-        self._leases[lease.id] = lease
-        self._granted[lease.user] = (*self._granted.get(lease.user, ()), lease.id)
-        if lease.group is not None:
-            key = (lease.user, lease.group)
-            self._in_group[key] = self._in_group.get(key, 0) + 1
+    # -- granting --------------------------------------------------------------------------
 
     def _context(self, now: float, session_groups: tuple[GroupConfig, ...]) -> GrantContext:
         users = {self._leases[lease_id].user for lease_id in self._queue}
@@ -625,15 +334,6 @@ class Scheduler:
                 break
             if reservations:
                 reservations = reservation_needs(sessions, self._holders(), now)
-        return out
-
-    def _holders(self) -> list[tuple[str, str]]:
-        out = []
-        for lease in self._leases.values():
-            if lease.slot_id is not None:
-                slot = self.pool.get(lease.slot_id)
-                if slot is not None:
-                    out.append((lease.user, slot.kind))
         return out
 
     def _pick(self, lease: Lease, reservations: list) -> tuple[str, str | None] | None:

@@ -3,10 +3,10 @@
 The HTTP handlers (``broker.api``, ``broker.admin``) call it; ``BrokerServer`` (``broker.server``)
 ticks it. Each request becomes one scheduler event with ``now`` from the clock; its decisions and
 the rows they touch commit in ONE store transaction before the reply; long-polls waiting on the
-leases that changed are woken. Decisions that need the outside world are executed here:
-``FenceNeeded`` runs ``broker.fencing.fence_kernel`` in a worker thread and reports ``Fenced``;
-``SuspendIdle`` becomes a ``{"order": "suspend"}`` in the lease's next heartbeat reply; old
-checkpoints are deleted on their host (``checkpoint_max_age``).
+leases that changed are woken. Decisions that need the outside world are executed after the
+commit: ``SuspendIdle`` becomes a ``{"order": "suspend"}`` in the lease's next heartbeat reply;
+``FenceNeeded`` and old checkpoints are ``broker.decision_effects``' (``HostEffects``, whose
+``record_decisions`` also writes each event's decisions to the store).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ import tornado.util
 
 from broker import scheduler as sch
 from broker.config import Config, SlotConfig
+from broker.decision_effects import HostEffects, record_decisions
 from broker.errors import BrokerError
-from broker.fencing import HostWork, delete_checkpoint, fence_kernel
+from broker.fencing import HostWork
+from broker.host_records import CheckpointRow
 from broker.metrics import Metrics
 from broker.scheduler import (
     Decision,
@@ -36,7 +38,6 @@ from broker.scheduler import (
     Heartbeat,
     Lease,
     Policy,
-    Queued,
     Refused,
     Release,
     Released,
@@ -45,12 +46,11 @@ from broker.scheduler import (
     SlotState,
     Tick,
 )
-from broker.store import CheckpointRow, FenceRow, Store
+from broker.store import Store
 
 log = logging.getLogger("broker")
 
 MAX_LEASES_PER_USER = 4
-FENCE_RETRY = 30.0  # seconds between fencing attempts on an unreachable host (policy overrides)
 USAGE_WINDOW_HALF_LIVES = 4  # ended leases restored into the scheduler's decayed usage
 
 # Scheduler names that arrive with the fair-scheduling work; None until they exist.
@@ -94,7 +94,7 @@ def scheduler_policy(config: Config, max_leases_per_user: int | None = None) -> 
     return Policy(**values)
 
 
-class BrokerService:
+class BrokerService(HostEffects):
     """State and rules of one running broker. Single-threaded: call it from its IOLoop only."""
 
     def __init__(
@@ -132,7 +132,7 @@ class BrokerService:
         with store.transaction():
             for lease in self.scheduler.leases():
                 store.put_lease(lease)
-            self._log_decisions(decisions, now)
+            record_decisions(self.store, decisions, now)
             store.log(now, "broker_started", restored=len(live))
 
     # -- what the API calls ----------------------------------------------------------------
@@ -361,35 +361,10 @@ class BrokerService:
                 lease = self.scheduler.lease(lid)
                 if lease is not None:
                     self.store.put_lease(lease)
-            self._log_decisions(decisions, now)
+            record_decisions(self.store, decisions, now)
             if extra is not None:
                 extra(decisions)
         return decisions
-
-    def _log_decisions(self, decisions: list[Decision], now: float) -> None:
-        store = self.store
-        for d in decisions:
-            if isinstance(d, Granted):
-                store.log(now, "granted", d.lease_id, slot=d.slot_id)
-            elif isinstance(d, Queued):
-                store.log(now, "queued", d.lease_id, position=d.position)
-            elif isinstance(d, Released):
-                reason = getattr(d, "reason", None) or "released"
-                store.end_lease(d.lease_id, "released", now, reason)
-                store.log(now, "released", d.lease_id, slot=d.slot_id, reason=reason)
-            elif isinstance(d, Expired):
-                store.end_lease(d.lease_id, "expired", now, "heartbeat_timeout")
-                store.log(now, "expired", d.lease_id, slot=d.slot_id)
-            elif isinstance(d, Dropped):
-                store.end_lease(d.lease_id, "expired", now, d.reason)
-                store.log(now, "dropped", d.lease_id, reason=d.reason)
-            elif FenceNeeded is not None and isinstance(d, FenceNeeded):
-                lease = store.get_lease(d.lease_id) if d.lease_id else None
-                user = lease.user if lease else ""
-                store.put_fence(FenceRow(d.slot_id, d.lease_id, d.host, d.kernel_id, user, now))
-                store.log(now, "fence_needed", d.lease_id, user, slot=d.slot_id, host=d.host)
-            elif SuspendIdle is not None and isinstance(d, SuspendIdle):
-                store.log(now, "suspend_ordered", d.lease_id, reason=d.reason)
 
     def _after(self, decisions: list[Decision], now: float) -> None:
         """Act on committed decisions: metrics, suspend orders, fences."""
@@ -411,106 +386,6 @@ class BrokerService:
                 self._orders[d.lease_id] = [order]
             if FenceNeeded is not None and isinstance(d, FenceNeeded):
                 self._start_fence(d)
-
-    # -- fencing and checkpoint expiry (blocking parts in worker threads) -------------------
-
-    def _start_fence(self, need: Any) -> None:
-        """Kill ``need.kernel_id`` on ``need.host`` in a worker thread; report ``Fenced``."""
-        if need.slot_id in self._fencing:
-            return
-        fence = next((f for f in self.store.fences() if f.slot_id == need.slot_id), None)
-        if fence is None:
-            lease = self.store.get_lease(need.lease_id) if need.lease_id else None
-            user = lease.user if lease else ""
-            fence = FenceRow(need.slot_id, need.lease_id, need.host, need.kernel_id, user, 0.0)
-        try:
-            host = self.config.host(fence.host)
-        except KeyError:  # host gone from the config: nothing left to fence there
-            self._fenced(fence, True, f"host {fence.host} is no longer in the config")
-            return
-        keep = self._keeps_checkpoint(fence.kernel_id)
-        self._fencing.add(fence.slot_id)
-        self.work.submit(
-            lambda: fence_kernel(host, fence.user, fence.kernel_id, keep),
-            lambda ok, msg: self._fenced(fence, ok, msg),
-        )
-
-    def _keeps_checkpoint(self, kernel_id: str) -> bool:
-        row = self.store.checkpoint(kernel_id)
-        return row is not None and row.state == "kept"
-
-    def _fenced(self, fence: FenceRow, ok: bool, message: str) -> None:
-        self._fencing.discard(fence.slot_id)
-        current = {f.slot_id: f for f in self.store.fences()}.get(fence.slot_id)
-        if current is None or current.kernel_id != fence.kernel_id:
-            return  # reset by an admin meanwhile
-        try:
-            if self.slot_state(fence.slot_id) not in ("fencing", "unreachable"):
-                return
-        except KeyError:
-            return
-        now = self.clock()
-        if ok:
-            log.info("fenced %s: %s", fence.slot_id, message)
-        else:
-            log.warning("fencing %s failed: %s", fence.slot_id, message)
-            self.metrics.fence_failures += 1
-
-        def extra(_: list[Decision]) -> None:
-            if ok:
-                self.store.drop_fence(fence.slot_id)
-            self.store.log(
-                now,
-                "fenced" if ok else "fence_failed",
-                fence.lease_id,
-                slot=fence.slot_id,
-                message=message,
-            )
-
-        if Fenced is not None:
-            self._apply(Fenced(fence.slot_id, ok, now), extra)
-
-    def _sweep_checkpoints(self) -> None:
-        max_age = float(getattr(self.config.policy, "checkpoint_max_age", 0) or 0)
-        if max_age <= 0:
-            return
-        now = self.clock()
-        for row in self.store.checkpoints("kept"):
-            if row.created_at > now - max_age:
-                break  # ordered by created_at
-            if row.kernel_id in self._sweeping or self._sweep_due.get(row.kernel_id, 0) > now:
-                continue
-            try:
-                host = self.config.host(row.host)
-            except KeyError:
-                self._checkpoint_deleted(row, True, f"host {row.host} is gone")
-                continue
-            self._sweeping.add(row.kernel_id)
-            self._sweep_due[row.kernel_id] = now + FENCE_RETRY
-            self.work.submit(
-                lambda h=host, r=row: delete_checkpoint(h, r.user, r.kernel_id),
-                lambda ok, msg, r=row: self._checkpoint_deleted(r, ok, msg),
-            )
-
-    def _checkpoint_deleted(self, row: CheckpointRow, ok: bool, message: str) -> None:
-        self._sweeping.discard(row.kernel_id)
-        current = self.store.checkpoint(row.kernel_id)
-        if not ok or current is None or current.created_at != row.created_at:
-            if not ok:
-                log.warning("%s", message)
-            return
-        now = self.clock()
-        with self.store.transaction():
-            self.store.expire_checkpoint(row.kernel_id, now)
-            self.store.log(
-                now,
-                "checkpoint_expired",
-                row.lease_id,
-                row.user,
-                kernel_id=row.kernel_id,
-                host=row.host,
-            )
-        self._sweep_due.pop(row.kernel_id, None)
 
 
 def _init_params(cls: type) -> set[str]:

@@ -26,7 +26,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.scheduler import Lease
+from broker.host_records import CheckpointRow as CheckpointRow  # re-exported
+from broker.host_records import FenceRow as FenceRow  # re-exported
+from broker.host_records import HostRecords
+from broker.leases import Lease
 
 log = logging.getLogger("broker.store")
 
@@ -100,35 +103,6 @@ _LEASE_COLUMNS = (
     "busy, last_activity, ended_at, end_reason"
 )
 
-_CKPT_COLUMNS = "kernel_id, user, host, path, bytes, created_at, lease_id, state, expired_at"
-
-
-@dataclass(frozen=True)
-class CheckpointRow:
-    """Where a suspended kernel's checkpoint lives (on ``host``, at ``path``)."""
-
-    kernel_id: str
-    user: str
-    host: str
-    path: str
-    bytes: int
-    created_at: float
-    lease_id: str | None = None
-    state: str = "kept"  # "kept" | "expired" (deleted on its host after checkpoint_max_age)
-    expired_at: float | None = None
-
-
-@dataclass(frozen=True)
-class FenceRow:
-    """A slot whose last kernel must be killed before the slot is granted again."""
-
-    slot_id: str
-    lease_id: str | None
-    host: str
-    kernel_id: str
-    user: str
-    since: float
-
 
 @dataclass(frozen=True)
 class TokenRow:
@@ -143,8 +117,9 @@ class TokenRow:
     revoked: bool
 
 
-class Store:
-    """One SQLite connection, used from one thread at a time (the broker's IOLoop, or the CLI)."""
+class Store(HostRecords):
+    """One SQLite connection, used from one thread at a time (the broker's IOLoop, or the CLI).
+    Drained hosts, fences and checkpoints: ``HostRecords`` (``broker.host_records``)."""
 
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
@@ -298,81 +273,6 @@ class Store:
                 (since,),
             ).fetchall()
         return [_lease(row) for row in rows]
-
-    # -- admin state: drained hosts, pending fences ----------------------------------------
-
-    def set_drained(self, host: str, drained: bool, now: float) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO host_state (host, drained, changed_at) VALUES (?, ?, ?)",
-            (host, int(drained), now),
-        )
-
-    def drained_hosts(self) -> dict[str, bool]:
-        """Host -> drained, as an admin last set it (overrides the config's ``drained``)."""
-        with self._lock:
-            rows = self._db.execute("SELECT host, drained FROM host_state").fetchall()
-        return {host: bool(drained) for host, drained in rows}
-
-    def put_fence(self, row: FenceRow) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO fences (slot_id, lease_id, host, kernel_id, user, since) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (row.slot_id, row.lease_id, row.host, row.kernel_id, row.user, row.since),
-        )
-
-    def drop_fence(self, slot_id: str) -> None:
-        self._db.execute("DELETE FROM fences WHERE slot_id = ?", (slot_id,))
-
-    def fences(self) -> list[FenceRow]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT slot_id, lease_id, host, kernel_id, user, since FROM fences"
-            ).fetchall()
-        return [FenceRow(*row) for row in rows]
-
-    # -- checkpoints -----------------------------------------------------------------------
-
-    def put_checkpoint(self, row: CheckpointRow) -> None:
-        self._db.execute(
-            f"INSERT OR REPLACE INTO checkpoints ({_CKPT_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                row.kernel_id,
-                row.user,
-                row.host,
-                row.path,
-                row.bytes,
-                row.created_at,
-                row.lease_id,
-                row.state,
-                row.expired_at,
-            ),
-        )
-
-    def checkpoint(self, kernel_id: str) -> CheckpointRow | None:
-        with self._lock:
-            row = self._db.execute(
-                f"SELECT {_CKPT_COLUMNS} FROM checkpoints WHERE kernel_id = ?", (kernel_id,)
-            ).fetchone()
-        return CheckpointRow(*row) if row else None
-
-    def checkpoints(self, state: str | None = None) -> list[CheckpointRow]:
-        query = f"SELECT {_CKPT_COLUMNS} FROM checkpoints"
-        args: tuple = ()
-        if state is not None:
-            query, args = query + " WHERE state = ?", (state,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY created_at", args).fetchall()
-        return [CheckpointRow(*row) for row in rows]
-
-    def expire_checkpoint(self, kernel_id: str, now: float) -> None:
-        self._db.execute(
-            "UPDATE checkpoints SET state = 'expired', expired_at = ? WHERE kernel_id = ?",
-            (now, kernel_id),
-        )
-
-    def forget_checkpoint(self, kernel_id: str) -> None:
-        self._db.execute("DELETE FROM checkpoints WHERE kernel_id = ?", (kernel_id,))
 
     def data_version(self) -> int:
         """Changes when ANOTHER connection commits (e.g. ``gpu-broker token revoke``)."""

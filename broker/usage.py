@@ -13,7 +13,7 @@ import io
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from broker.scheduler import Lease
+from broker.leases import Lease
 
 
 def _hours(lease: Lease, since: float, now: float) -> float:

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from broker.auth import Identity, may_see
 from broker.durations import format_duration
-from broker.scheduler import Lease
-from broker.store import CheckpointRow
+from broker.host_records import CheckpointRow
+from broker.leases import Lease
 
 if TYPE_CHECKING:
     from broker.service import BrokerService

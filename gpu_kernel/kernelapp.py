@@ -42,6 +42,7 @@ from gpu_kernel.control import (
 
 LOOPBACK = "127.0.0.1"
 SUSPENDED_EXIT_CODE = 75  # as gpu_kernel.checkpoint's (checked in the tests)
+SUSPENDED_NOTICE = "shared_gpu_suspended"  # IOPub: the kernel saved itself and will exit
 ORPHAN_EXIT_CODE = 70  # orphaned and the checkpoint failed: exits anyway, the GPU goes back
 EXIT_DELAY = 0.2  # s between the last reply and the exit, for IOPub's idle status to go out
 
@@ -244,6 +245,16 @@ class GPUKernel(IPythonKernel):
             print(f"Could not suspend: {e}", file=sys.stderr)
             return
         print(_suspended_text(content))
+        # Tell the session proxy first (IOPub goes out before this cell's reply), so it holds
+        # the next cell for the resume instead of sending it to a process about to exit.
+        notice = {k: content[k] for k in ("checkpoint", "bytes")}
+        self.session.send(
+            self.iopub_socket,
+            SUSPENDED_NOTICE,
+            {**notice, "reason": "%gpu suspend"},
+            parent=self.get_parent("shell"),
+            ident=self._topic(SUSPENDED_NOTICE),
+        )
         self._exit_after_cell = True
 
     def _check_orphaned(self) -> None:

@@ -8,6 +8,7 @@ watchdog that we are still here). Messages are signed with the kernel's session 
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import zmq
@@ -31,13 +32,24 @@ class KernelControl:
         self._sock.connect(f"tcp://127.0.0.1:{port}")
         self._lock = threading.Lock()
 
-    def request(self, msg_type: str, content: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send ``msg_type`` and return the reply's content; raise KernelControlError on timeout."""
+    def request(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        timeout: float,
+        cancel: threading.Event | None = None,
+    ) -> dict[str, Any]:
+        """Send ``msg_type`` and return the reply's content; raise KernelControlError on timeout
+        or as soon as ``cancel`` is set (the session is closing)."""
         with self._lock:
             msg = self._session.msg(msg_type, content)
             self._session.send(self._sock, msg)
-            deadline_ms = int(timeout * 1000)
-            while self._sock.poll(deadline_ms):
+            deadline = time.monotonic() + timeout
+            while (left := deadline - time.monotonic()) > 0:
+                if cancel is not None and cancel.is_set():
+                    raise KernelControlError(f"{msg_type} abandoned: the kernel is shutting down")
+                if not self._sock.poll(int(min(left, 0.25) * 1000)):
+                    continue
                 _, frames = self._session.feed_identities(self._sock.recv_multipart())
                 reply = self._session.deserialize(frames)
                 if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:

@@ -69,6 +69,7 @@ class KernelSession(SuspensionMixin):
         self.client = client
         self.progress = progress
         self.proxy = SessionProxy(ports=proxy_ports)
+        self.proxy.kernel_suspended_hook = self.kernel_said_suspended
         self.lease: Lease | None = None
         self.conn: HostConnection | None = None
         self.target: HostTarget | None = None

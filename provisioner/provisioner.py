@@ -137,10 +137,12 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def kill(self, restart: bool = False) -> None:
         if self.session is not None:
+            await self._in_thread(self.session.discard_suspended)  # nothing runs: end it now
             await self._in_thread(self.session.kill)
 
     async def terminate(self, restart: bool = False) -> None:
         if self.session is not None:
+            await self._in_thread(self.session.discard_suspended)
             await self._in_thread(self.session.signal, int(signal.SIGTERM))
 
     async def shutdown_requested(self, restart: bool = False) -> None:

@@ -135,6 +135,9 @@ class SessionProxy:
         self._session: Session | None = None  # signs what the proxy says itself (suspended)
         self._on_resume: Callable[[], None] | None = None
         self._resume_parent: dict[str, Any] | None = None  # the cell that triggered the resume
+        # called (in a thread of its own) with the content of the kernel's "I saved myself and
+        # will exit" IOPub notice (%gpu suspend); requests are held from that moment
+        self.kernel_suspended_hook: Callable[[dict[str, Any]], None] | None = None
         self._commands: queue.SimpleQueue[tuple[str, Any, Future[None]]] = queue.SimpleQueue()
         self._wake_lock = threading.Lock()
         self._closed = False
@@ -522,6 +525,9 @@ class SessionProxy:
             else:
                 d = m.delim_index(frames)
             header = m.signed_frame(frames, m.HEADER, d) if d >= 0 else None
+            if header is not None and b"shared_gpu_suspended" in header:
+                self._on_suspended_notice(frames, d)
+                continue  # for us, not for the frontends
             if header is not None and (b"status" in header or b"iopub_welcome" in header):
                 msg_type = m.header_msg_type(header)
                 if msg_type == "status":
@@ -533,6 +539,16 @@ class SessionProxy:
             if self._state is ProxyState.SYNCING:
                 self._set_attached()
             dst.send_multipart(frames, zmq.NOBLOCK, copy=False)
+
+    def _on_suspended_notice(self, frames: list[Any], d: int) -> None:
+        if m.header_msg_type(m.signed_frame(frames, m.HEADER, d)) != "shared_gpu_suspended":
+            return
+        if self._state is ProxyState.ATTACHED:
+            self._state = ProxyState.HOLDING  # the next cell waits for the resume
+        content = m.loads(m.signed_frame(frames, m.CONTENT, d)) or {}
+        hook = self.kernel_suspended_hook
+        if hook is not None:
+            threading.Thread(target=hook, args=(content,), daemon=True).start()
 
     def _on_status(self, frames: list[Any], d: int) -> None:
         state = m.status_state(frames, d)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import zmq
+
 from broker.client import HostInfo
 from broker.errors import BrokerError
 from gpu_kernel import remote
@@ -56,27 +58,32 @@ class SuspensionMixin:
     # ---- suspend -----------------------------------------------------------------------------
 
     def suspend(self, reason: str) -> bool:
-        """Checkpoint the idle kernel and give its slot back; False if it could not (busy)."""
+        """Checkpoint the idle kernel and give its slot back; False if it could not (busy).
+
+        The session lock is not held while the kernel saves (seconds per GiB), so poll, signal
+        and shutdown stay responsive; a shutdown meanwhile abandons the wait."""
         with self._lock:
-            if self.kernel is None or self.suspended is not None or self.control is None:
+            control = self.control
+            if self.kernel is None or self.suspended is not None or control is None:
                 return False
             self.proxy.hold()  # cells run from now on wait (then resume the kernel)
-            try:
-                reply = self.control.request(
-                    "suspend_request", {"reason": reason}, timeout=SUSPEND_TIMEOUT
+        try:
+            reply = control.request(
+                "suspend_request", {"reason": reason}, SUSPEND_TIMEOUT, self._closed
+            )
+            if reply.get("status") != "ok":
+                raise KernelControlError(
+                    f"the kernel refused to suspend: {reply.get('evalue') or reply}"
                 )
-                if reply.get("status") != "ok":
-                    raise KernelControlError(
-                        f"the kernel refused to suspend: {reply.get('evalue') or reply}"
-                    )
-            except KernelControlError as err:
-                log.warning("kernel %s stays running: %s", self.kernel_id, err)
-                self.proxy.release()
-                return False
+        except (KernelControlError, zmq.ZMQError) as err:
+            log.warning("kernel %s stays running: %s", self.kernel_id, err)
+            self.proxy.release()
+            return False
+        with self._lock:
+            if self.kernel is None or self.suspended is not None:
+                return True  # poll() saw the exit first and did the rest
             self._wait_exit()
             self._enter_suspended(reply.get("checkpoint"), int(reply.get("bytes") or 0), reason)
-            for line in reply.get("dropped_lines") or []:
-                self.progress(f"not saved: {line}")
             return True
 
     def _wait_exit(self) -> None:
@@ -119,6 +126,20 @@ class SuspensionMixin:
         """``poll`` saw exit code 75: ``%gpu suspend`` or the orphan watchdog saved the state."""
         self._enter_suspended(None, 0, "by the kernel")
 
+    def kernel_said_suspended(self, notice: dict) -> None:
+        """The kernel's IOPub notice (``%gpu suspend``): it saved itself and is exiting."""
+        with self._lock:
+            if self.kernel is None or self.suspended is not None:
+                return
+            self._wait_exit()
+            path = notice.get("checkpoint")
+            nbytes = notice.get("bytes")
+            self._enter_suspended(
+                path if isinstance(path, str) else None,
+                nbytes if isinstance(nbytes, int) else 0,
+                str(notice.get("reason") or "by the kernel"),
+            )
+
     # ---- resume ------------------------------------------------------------------------------
 
     def resume(self) -> None:
@@ -136,7 +157,7 @@ class SuspensionMixin:
                 self._start_kernel(attach=False)
                 assert self.control is not None and lease.slot is not None
                 reply = self.control.request(
-                    "restore_request", {"checkpoint": path}, timeout=SUSPEND_TIMEOUT
+                    "restore_request", {"checkpoint": path}, SUSPEND_TIMEOUT, self._closed
                 )
                 if reply.get("status") != "ok":
                     self._abort_resume()

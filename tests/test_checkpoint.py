@@ -458,3 +458,20 @@ def test_device_cpu_explicit(tmp_path: Path) -> None:
     save_namespace({"t": torch.ones(2)}, tmp_path / "ck", KEY)
     out, _ = load_namespace(tmp_path / "ck", KEY, device="cpu")
     assert out["t"].device.type == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_tensors_come_back_on_the_new_slots_device(tmp_path):
+    """On a GPU host: tensors saved on CUDA restore onto CUDA, equal and still sharing storage."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    base = torch.arange(12.0, device="cuda")
+    ns = {"base": base, "view": base[2:6], "cpu": torch.ones(2)}
+    save_namespace(ns, tmp_path / "ck", b"k" * 32)
+    restored, _ = load_namespace(tmp_path / "ck", b"k" * 32)
+    assert restored["base"].is_cuda and restored["view"].is_cuda
+    assert not restored["cpu"].is_cuda
+    assert torch.equal(restored["base"].cpu(), torch.arange(12.0))
+    restored["base"][3] = -1.0
+    assert restored["view"][1].item() == -1.0  # still a view of base

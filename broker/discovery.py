@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import json
 
+from broker.fencing import host_target
 from broker.hosts_config import HostConfig, SlotConfig
 from gpu_kernel.errors import SharedGPUError
-from gpu_kernel.ssh import HostTarget, connect
+from gpu_kernel.ssh import connect
 
 PROBE_TIMEOUT = 60.0
 
@@ -23,22 +24,9 @@ class DiscoveryError(SharedGPUError):
     """Probing a ``gpus = "auto"`` host failed; the message names the host, the hint the fix."""
 
 
-def target_for(host: HostConfig, username: str) -> HostTarget:
-    """The SSH target of ``host`` for ``username`` (templates filled in)."""
-    return HostTarget(
-        name=host.name,
-        address=host.address,
-        port=host.port,
-        user=host.ssh_user(username),
-        key_file=host.key_path(username),
-        known_hosts_file=host.known_hosts_path(username),
-        python=host.python,
-    )
-
-
 def run_probe(host: HostConfig, username: str) -> dict:
     """The probe's reply from ``host``; raises DiscoveryError (SSH errors keep their hints)."""
-    target = target_for(host, username)
+    target = host_target(host, username)
     argv = [host.python, "-m", "gpu_kernel", "probe"]
     try:
         with connect(target) as conn:

@@ -10,7 +10,7 @@ import pytest
 
 from gpu_kernel.ssh import HostTarget
 from tests.pool import Pool
-from tests.sshd import ClientKeys, TestHost, start_hosts
+from tests.sshd import ClientKeys, TestHost, clear_stale_pyenv_lock, start_hosts
 
 
 def target_for(host: TestHost, keys: ClientKeys, python: str = sys.executable) -> HostTarget:
@@ -58,3 +58,9 @@ def pool(
     monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(tmp_path / "kernels"))
     yield pool
     pool.stop()
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_pyenv_lock() -> None:
+    """Logins on the test hosts must not wait on a lock a killed login left (see sshd.py)."""
+    clear_stale_pyenv_lock()

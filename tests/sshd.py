@@ -26,6 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def clear_stale_pyenv_lock(max_age: float = 30.0) -> None:
+    """Remove pyenv's rehash lock if a killed login left it behind.
+
+    Logins on the test hosts run ~/.bashrc, which on machines set up with pyenv runs
+    `pyenv rehash`; a session killed mid-rehash (tests stop sshd on purpose) leaves the lock
+    file, and from then on every login waits for it and prints an error on stderr. The lock is
+    normally held for milliseconds, so one older than ``max_age`` seconds is stale.
+    """
+    lock = Path(os.environ.get("PYENV_ROOT", "~/.pyenv")).expanduser() / "shims" / ".pyenv-shim"
+    try:
+        if time.time() - lock.stat().st_mtime > max_age:
+            lock.unlink()
+    except OSError:
+        pass
+
+
 def keygen(path: Path) -> str:
     """Make an ed25519 key pair at ``path``; return the public key line."""
     subprocess.run(
@@ -110,6 +126,7 @@ class TestHost:
 
     def start(self) -> None:
         """Start sshd (again, after ``stop``) and wait until it accepts connections."""
+        clear_stale_pyenv_lock()
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         config = self._write_config()

@@ -389,7 +389,7 @@ class KernelSession(SuspensionMixin):
             "policy": {"heartbeat_interval": lease.heartbeat_interval},
         }
         try:
-            control.request("shared_gpu_info", info, timeout=5.0)
+            control.request("shared_gpu_info", info, 5.0, self._closed)
         except (KernelControlError, zmq.ZMQError) as err:
             log.debug("kernel %s did not take shared_gpu_info: %s", self.kernel_id, err)
 

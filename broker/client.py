@@ -98,6 +98,8 @@ class Lease:
     granted_at: float | None = None
     ended_at: float | None = None
     end_reason: str | None = None
+    policy: dict[str, Any] = field(default_factory=dict)
+    quota: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Lease:

@@ -13,6 +13,7 @@ from broker.auth import Identity, may_see
 from broker.durations import format_duration
 from broker.host_records import CheckpointRow
 from broker.leases import Lease
+from broker.quota import DAY_SECONDS, day_of
 
 if TYPE_CHECKING:
     from broker.service import BrokerService
@@ -74,6 +75,24 @@ def lease_json(service: BrokerService, lease: Lease) -> dict[str, Any]:
         "last_activity": lease.last_activity,
         "ended_at": lease.ended_at,
         "end_reason": lease.end_reason,
+        "policy": {  # what the kernel's %gpu shows, and where checkpoints go
+            "idle_suspend_after": getattr(policy, "idle_suspend_after", None),
+            "idle_suspend_when_queued": getattr(policy, "idle_suspend_when_queued", None),
+            "max_lease": getattr(policy, "max_lease", None),
+            "checkpoint_dir": getattr(policy, "checkpoint_dir", None),
+        },
+        "quota": quota_json(service, lease.user),
+    }
+
+
+def quota_json(service: BrokerService, user: str) -> dict[str, Any]:
+    """The user's daily GPU-hours: used, limit (null: none), and when the day resets."""
+    now = service.clock()
+    limit = service.scheduler.quota_seconds(user)
+    return {
+        "used_hours": round(service.scheduler.usage_today(user, now) / 3600, 3),
+        "limit_hours": None if limit is None else round(limit / 3600, 3),
+        "resets_at": (day_of(now) + 1) * DAY_SECONDS,
     }
 
 

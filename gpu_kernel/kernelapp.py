@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -155,9 +156,11 @@ class GPUKernel(IPythonKernel):
 
     async def suspend_request(self, stream: Any, ident: Any, parent: dict) -> None:
         """Checkpoint, reply, exit with SUSPENDED_EXIT_CODE (an error reply keeps it running)."""
-        reason = str((parent.get("content") or {}).get("reason", ""))
+        request = parent.get("content") or {}
+        reason = str(request.get("reason", ""))
+        where = request.get("checkpoint")  # a shared checkpoint_dir's place, else the runtime dir
         try:
-            content = self.checkpoint(reason)
+            content = self.checkpoint(reason, directory=Path(where) if where else None)
         except Exception as e:
             self.session.send(stream, "suspend_reply", error_reply(e), parent, ident)
             return
@@ -181,21 +184,24 @@ class GPUKernel(IPythonKernel):
     def checkpoint_dir(self) -> Path:
         return self.runtime_dir / "checkpoint"
 
-    def checkpoint(self, reason: str, *, from_cell: bool = False) -> dict[str, Any]:
-        """Save the user's namespace; returns the ``suspend_reply`` content. Leaves the kernel
-        marked as suspending (no cell starts any more) unless it raises."""
+    def checkpoint(
+        self, reason: str, *, from_cell: bool = False, directory: Path | None = None
+    ) -> dict[str, Any]:
+        """Save the user's namespace (into ``directory``, default the runtime dir's); returns the
+        ``suspend_reply`` content. Leaves the kernel marked as suspending (no cell starts any
+        more) unless it raises."""
         from gpu_kernel.checkpoint import save_namespace
 
+        target = directory or self.checkpoint_dir
         self.activity.begin_suspend(from_cell=from_cell)
         try:
             t0 = time.monotonic()
             shell = self.shell
-            self.log.info(
-                "suspending (%s): checkpoint to %s", reason or "asked", self.checkpoint_dir
-            )
+            self.log.info("suspending (%s): checkpoint to %s", reason or "asked", target)
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             manifest = save_namespace(
                 shell.user_ns,
-                self.checkpoint_dir,
+                target,
                 self._key(),
                 hidden=shell.user_ns_hidden,
                 execution_count=shell.execution_count,
@@ -204,7 +210,7 @@ class GPUKernel(IPythonKernel):
         except BaseException:
             self.activity.abort_suspend()
             raise
-        return suspend_reply(str(self.checkpoint_dir), manifest, time.monotonic() - t0)
+        return suspend_reply(str(target), manifest, time.monotonic() - t0)
 
     def restore(self, path: Path) -> dict[str, Any]:
         """Load the checkpoint at ``path`` into ``user_ns``; returns the ``restore_reply``."""
@@ -221,6 +227,9 @@ class GPUKernel(IPythonKernel):
             if manifest.execution_count:
                 shell.execution_count = int(manifest.execution_count)
             names = [v.name for v in manifest.variables] + list(manifest.imports)
+            if not path.is_relative_to(self.checkpoint_dir.parent):
+                # a shared checkpoint_dir's copy is consumed: the next suspend writes a new one
+                shutil.rmtree(path, ignore_errors=True)
             return restore_reply(sorted(names), manifest, time.monotonic() - t0)
         finally:
             self.activity.end_restore()

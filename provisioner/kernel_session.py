@@ -386,7 +386,8 @@ class KernelSession(SuspensionMixin):
                 "user": lease.user,
             },
             "queue": {"length": lease.queue_length},
-            "policy": {"heartbeat_interval": lease.heartbeat_interval},
+            "policy": {**lease.policy, "heartbeat_interval": lease.heartbeat_interval},
+            "quota": lease.quota,
         }
         try:
             control.request("shared_gpu_info", info, 5.0, self._closed)

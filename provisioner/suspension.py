@@ -67,10 +67,12 @@ class SuspensionMixin:
             if self.kernel is None or self.suspended is not None or control is None:
                 return False
             self.proxy.hold()  # cells run from now on wait (then resume the kernel)
+        request = {"reason": reason}
+        shared = self._shared_dir()
+        if shared and self.lease is not None:
+            request["checkpoint"] = f"{shared}/{self.lease.user}/{self.kernel_id}"
         try:
-            reply = control.request(
-                "suspend_request", {"reason": reason}, SUSPEND_TIMEOUT, self._closed
-            )
+            reply = control.request("suspend_request", request, SUSPEND_TIMEOUT, self._closed)
             if reply.get("status") != "ok":
                 raise KernelControlError(
                     f"the kernel refused to suspend: {reply.get('evalue') or reply}"
@@ -151,6 +153,7 @@ class SuspensionMixin:
                 suspended = self.suspended
                 if suspended is None:
                     return
+                self._check_not_expired()
                 say("Shared GPU: resuming the kernel; asking for a GPU slot")
                 lease = self.acquire_lease(say=say, resume_from=self.kernel_id)
                 path, moved_from = self._bring_checkpoint(suspended, say)
@@ -192,6 +195,9 @@ class SuspensionMixin:
         old = suspended.target
         if (new.address, new.port, new.user) == (old.address, old.port, old.user):
             return suspended.path, None
+        shared = self._shared_dir()
+        if shared and suspended.path and suspended.path.startswith(shared.rstrip("/") + "/"):
+            return suspended.path, None  # every host sees it: nothing to copy
         say(
             f"Copying the saved state ({format_bytes(suspended.bytes)}) from "
             f"{suspended.host.name} to {self.lease.host.name}"
@@ -200,13 +206,36 @@ class SuspensionMixin:
             copy_checkpoint(src, old, self._connection(), new, self.kernel_id)
         return None, old  # None: the default place on the new host
 
-    def _delete_checkpoint(self, target: HostTarget) -> None:
-        """Remove the kernel's files (its old checkpoint) from a host it has left."""
+    def _delete_checkpoint(self, target: HostTarget, shared_path: str | None = None) -> None:
+        """Remove the kernel's files (its old checkpoint) from a host it has left, and the
+        checkpoint in the shared ``checkpoint_dir`` when it was written there."""
         try:
             with connect(target) as conn:
                 remote.cleanup(conn, target, self.kernel_id)
+                if shared_path:
+                    conn.run(["rm", "-rf", "--", shared_path])
         except SharedGPUError as err:
             log.warning("could not delete the old checkpoint on %s: %s", target.name, err)
+
+    def _check_not_expired(self) -> None:
+        """The broker deletes checkpoints older than its policy allows: say so, plainly."""
+        try:
+            records = self.client.checkpoints(self.kernel_id)
+        except BrokerError as err:
+            log.info("could not ask the broker about the checkpoint: %s", err)
+            return
+        for record in records:
+            if record.get("state") == "expired":
+                raise ResumeError(
+                    str(record.get("message") or "the saved state expired and was deleted"),
+                    "restart the kernel to start with an empty namespace",
+                )
+
+    def _shared_dir(self) -> str | None:
+        """The broker's ``checkpoint_dir`` (mounted on every host), if it names one."""
+        lease = self.lease
+        shared = lease.policy.get("checkpoint_dir") if lease is not None else None
+        return shared if isinstance(shared, str) and shared else None
 
     def _abort_resume(self) -> None:
         """A kernel launched for a resume could not take the state: end it, free its slot."""
@@ -230,7 +259,9 @@ class SuspensionMixin:
             suspended, self.suspended = self.suspended, None
             if suspended is None:
                 return
-            self._delete_checkpoint(suspended.target)
+            in_runtime_dir = (suspended.path or "").endswith(f"/{self.kernel_id}/checkpoint")
+            shared = None if in_runtime_dir else suspended.path
+            self._delete_checkpoint(suspended.target, shared)
             self._forget_checkpoint()
             self.proxy.detach()
 

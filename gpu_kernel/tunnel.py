@@ -83,7 +83,9 @@ class _Pipe:
 
     def close(self) -> None:
         self.done = True
-        self.chan.close()
+        # closing sends a message: on a transport that just died that raises; it is gone anyway
+        with contextlib.suppress(Exception):  # EOFError, OSError or paramiko.SSHException
+            self.chan.close()
         self.sock.close()
 
 

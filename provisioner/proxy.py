@@ -135,6 +135,9 @@ class SessionProxy:
         self._session: Session | None = None  # signs what the proxy says itself (suspended)
         self._on_resume: Callable[[], None] | None = None
         self._resume_parent: dict[str, Any] | None = None  # the cell that triggered the resume
+        # execute_requests sent to the kernel and not answered yet, by msg_id: a kernel that
+        # suspends drops those that reach it after it began saving; they go to the resumed one
+        self._inflight: dict[str, tuple[str, list[bytes]]] = {}
         # called (in a thread of its own) with the content of the kernel's "I saved myself and
         # will exit" IOPub notice (%gpu suspend); requests are held from that moment
         self.kernel_suspended_hook: Callable[[dict[str, Any]], None] | None = None
@@ -313,6 +316,7 @@ class SessionProxy:
 
     def _do_attach(self, ports: dict[str, int], ip: str) -> None:
         self._do_detach()
+        self._inflight.clear()  # a new kernel process: the old one's cells are gone with it
         identity = uuid.uuid4().hex.encode()  # new per attach: no clash with a stale peer
         try:
             for channel, kind in (
@@ -381,14 +385,8 @@ class SessionProxy:
         if self._state in (ProxyState.SUSPENDED, ProxyState.RESUMING):
             self._stand_in(channel, frames)
             return
-        if channel == "shell":
-            header = m.signed_frame(frames, m.HEADER)
-            if (
-                header is not None
-                and b"execute_request" in header  # cheap filter before parsing
-                and m.header_msg_type(header) == "execute_request"
-            ):
-                self._activity = replace(self._activity, last_activity=time.time())
+        if channel == "shell" and _execute_id(frames) is not None:
+            self._activity = replace(self._activity, last_activity=time.time())
         if self._state is ProxyState.ATTACHED:
             self._send_up(channel, frames)
         elif channel in _QUEUED_CHANNELS:
@@ -403,6 +401,8 @@ class SessionProxy:
             self._queued.append((channel, frames))
 
     def _send_up(self, channel: str, frames: list[bytes]) -> None:
+        if channel == "shell" and (msg_id := _execute_id(frames)) is not None:
+            self._inflight[msg_id] = (channel, frames)
         try:
             self._up[channel].send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:
@@ -427,7 +427,10 @@ class SessionProxy:
         self._state = ProxyState.SUSPENDED
         self._on_resume = on_resume
         self._activity = replace(self._activity, attached=False, busy=False, execution_state="idle")
-        held, self._queued = self._queued, deque()
+        # unanswered cells first (the saving kernel dropped them), then what waited here
+        held = deque([*self._inflight.values(), *self._queued])
+        self._inflight.clear()
+        self._queued = deque()
         for channel, frames in held:  # a cell run while we suspended resumes at once
             self._stand_in(channel, frames)
 
@@ -511,6 +514,9 @@ class SessionProxy:
                 header = m.signed_frame(frames, m.HEADER)
                 if header is not None and b"kernel_info_reply" in header:
                     self.kernel_info_reply = frames
+                elif header is not None and b"execute_reply" in header and self._inflight:
+                    parent = m.loads(m.signed_frame(frames, m.PARENT)) or {}
+                    self._inflight.pop(str(parent.get("msg_id")), None)
             dst.send_multipart(frames, zmq.NOBLOCK)
 
     def _on_iopub(self) -> None:
@@ -560,6 +566,16 @@ class SessionProxy:
         if state == "idle" and parent is not None and b"execute_request" in parent:
             last = time.time()  # an execution just ended
         self._activity = Activity(state == "busy", state, last, old.attached)
+
+
+def _execute_id(frames: list[bytes]) -> str | None:
+    """msg_id of a shell execute_request (None for any other message); parses only then."""
+    header = m.signed_frame(frames, m.HEADER)
+    if header is None or b"execute_request" not in header:  # cheap filter before parsing
+        return None
+    parsed = m.loads(header) or {}
+    msg_id = parsed.get("msg_id")
+    return str(msg_id) if parsed.get("msg_type") == "execute_request" and msg_id else None
 
 
 class _Stop(Exception):

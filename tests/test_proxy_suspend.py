@@ -112,3 +112,27 @@ def test_interrupt_and_shutdown_requests_are_answered_while_suspended(proxy, cli
     client.control_channel.send(msg)
     reply = client.get_control_msg(timeout=TIMEOUT)["content"]
     assert reply == {"status": "ok", "restart": True}
+
+
+def test_a_cell_the_saving_kernel_never_answered_runs_after_the_resume(proxy, client, kernel):
+    import zmq
+
+    # a "kernel" that takes requests and never answers (one that began saving and drops them)
+    ctx = zmq.Context.instance()
+    mute = {
+        name: ctx.socket(zmq.ROUTER if name != "iopub" else zmq.PUB)
+        for name in ("shell", "control", "stdin", "iopub")
+    }
+    ports = {name: sock.bind_to_random_port("tcp://127.0.0.1") for name, sock in mute.items()}
+    try:
+        proxy.attach(ports)
+        msg_id = client.execute("print('ran once')")
+        assert mute["shell"].poll(5000), "the request did not reach the mute kernel"
+        proxy.suspend(lambda: proxy.attach(_upstream(kernel)))
+        reply, seen = outputs_until_reply(client, msg_id)
+        assert reply["content"]["status"] == "ok"
+        text = "".join(m["content"]["text"] for m in seen if m["msg_type"] == "stream")
+        assert text.strip() == "ran once"
+    finally:
+        for sock in mute.values():
+            sock.close(linger=0)

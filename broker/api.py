@@ -329,6 +329,8 @@ def _log_request(handler: tornado.web.RequestHandler) -> None:
     """Access log without query strings or headers (nothing secret in logs)."""
     status = handler.get_status()
     level = logging.DEBUG if status < 400 else logging.INFO
+    if not log.isEnabledFor(level):
+        return
     log.log(
         level,
         "%d %s %s %.1fms",

@@ -69,6 +69,7 @@ class SlotPool:
         self._slots, self._fences, self._drained_hosts = dict(slots), dict(fences), drained_hosts
         self._ids = ids
         self._order = {slot_id: index for index, slot_id in enumerate(ids)}
+        self._kinds = _kinds_of(self._slots)
         self._free = {kind: set(indexes) for kind, indexes in free.items()}
 
     # -- queries ---------------------------------------------------------------------------
@@ -80,7 +81,8 @@ class SlotPool:
         return self._slots.get(slot_id)
 
     def kinds(self) -> list[str]:
-        return sorted({slot.kind for slot in self._slots.values() if not slot.retired})
+        # kinds and retirement change only through _rebuild/set_state, which refresh the cache
+        return list(self._kinds)
 
     def state(self, slot_id: str) -> str:
         slot = self._slots[slot_id]
@@ -224,6 +226,12 @@ class SlotPool:
         live = [s for s in self._slots if not self._slots[s].retired]
         self._ids = tuple(live + [s for s in self._slots if self._slots[s].retired])
         self._order = {slot_id: index for index, slot_id in enumerate(self._ids)}
+        self._kinds = _kinds_of(self._slots)
         self._free = {}
         for slot_id in self._ids:
             self._refresh(slot_id)
+
+
+def _kinds_of(slots: dict[str, SlotState]) -> tuple[str, ...]:
+    """The sorted kinds of the slots that are not retired."""
+    return tuple(sorted({slot.kind for slot in slots.values() if not slot.retired}))

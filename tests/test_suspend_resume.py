@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -56,22 +56,37 @@ print(json.dumps({
 
 
 @pytest.fixture
-def idle_pool(
+def make_idle_pool(
     tmp_path: Path, ssh_hosts: list[TestHost], client_keys: ClientKeys, monkeypatch
-) -> Iterator[Pool]:
+) -> Iterator[Callable[..., Pool]]:
+    """Start a pool like ``pool``'s whose broker suspends kernels idle for 2 s (more policy
+    keys as keyword arguments); stopped at the end of the test."""
+    pools: list[Pool] = []
+
+    def make(**policy: str) -> Pool:
+        pool = Pool(
+            tmp_path / f"pool{len(pools)}",
+            ssh_hosts,
+            client_keys,
+            idle_suspend_after="2s",
+            idle_suspend_when_queued="2s",
+            **policy,
+        )
+        pools.append(pool)
+        pool.start()
+        pool.install_spec()
+        monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
+        return pool
+
+    yield make
+    for pool in pools:
+        pool.stop()
+
+
+@pytest.fixture
+def idle_pool(make_idle_pool: Callable[..., Pool]) -> Pool:
     """Like ``pool``, but the broker suspends kernels idle for 2 s."""
-    pool = Pool(
-        tmp_path / "pool",
-        ssh_hosts,
-        client_keys,
-        idle_suspend_after="2s",
-        idle_suspend_when_queued="2s",
-    )
-    pool.start()
-    pool.install_spec()
-    monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
-    yield pool
-    pool.stop()
+    return make_idle_pool()
 
 
 def started(pool: Pool) -> Iterator[tuple]:
@@ -264,70 +279,40 @@ def test_a_kernel_whose_jupyter_server_vanished_saves_itself_and_frees_its_slot(
     assert not any(idle_pool.slot_users().values()), "the orphan's slot was not freed"
 
 
-def test_a_shared_checkpoint_dir_resumes_elsewhere_without_a_copy(
-    tmp_path: Path, ssh_hosts: list[TestHost], client_keys: ClientKeys, monkeypatch
-):
+def test_a_shared_checkpoint_dir_resumes_elsewhere_without_a_copy(tmp_path: Path, make_idle_pool):
     shared = tmp_path / "shared-checkpoints"  # both test hosts see this path, as an NFS mount
-    pool = Pool(
-        tmp_path / "pool",
-        ssh_hosts,
-        client_keys,
-        idle_suspend_after="2s",
-        idle_suspend_when_queued="2s",
-        checkpoint_dir=str(shared),
-    )
-    pool.start()
-    try:
-        pool.install_spec()
-        monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
-        for km, kc in started(pool):
-            run(kc, "kept = {'x': [1, 2, 3]}")
-            first = last_line(run(kc, "import os; print(os.environ['SHARED_GPU_HOST'])")[1])
-            checkpoint = wait_suspended(pool, km.kernel_id)
-            assert checkpoint["path"].startswith(str(shared))
-            other = BrokerClient(pool.url, pool.token("someone-else"))
-            taken = other.request_lease("sim", "other-kernel")
-            assert taken.host.name == first
-            content, printed = run(kc, "print(kept, os.environ['SHARED_GPU_HOST'])")
-            assert content["status"] == "ok"
-            assert "Copying" not in printed  # every host reads the shared directory
-            assert last_line(printed).startswith("{'x': [1, 2, 3]}")
-            assert not last_line(printed).endswith(first)
-            assert not Path(checkpoint["path"]).exists()  # consumed by the resume
-            other.release(taken.id)
-    finally:
-        pool.stop()
+    pool = make_idle_pool(checkpoint_dir=str(shared))
+    for km, kc in started(pool):
+        run(kc, "kept = {'x': [1, 2, 3]}")
+        first = last_line(run(kc, "import os; print(os.environ['SHARED_GPU_HOST'])")[1])
+        checkpoint = wait_suspended(pool, km.kernel_id)
+        assert checkpoint["path"].startswith(str(shared))
+        other = BrokerClient(pool.url, pool.token("someone-else"))
+        taken = other.request_lease("sim", "other-kernel")
+        assert taken.host.name == first
+        content, printed = run(kc, "print(kept, os.environ['SHARED_GPU_HOST'])")
+        assert content["status"] == "ok"
+        assert "Copying" not in printed  # every host reads the shared directory
+        assert last_line(printed).startswith("{'x': [1, 2, 3]}")
+        assert not last_line(printed).endswith(first)
+        assert not Path(checkpoint["path"]).exists()  # consumed by the resume
+        other.release(taken.id)
 
 
-def test_an_expired_checkpoint_is_explained_on_the_next_cell(
-    tmp_path: Path, ssh_hosts: list[TestHost], client_keys: ClientKeys, monkeypatch
-):
-    pool = Pool(
-        tmp_path / "pool",
-        ssh_hosts,
-        client_keys,
-        idle_suspend_after="2s",
-        idle_suspend_when_queued="2s",
-        checkpoint_max_age="3s",
-    )
-    pool.start()
-    try:
-        pool.install_spec()
-        monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
-        for km, kc in started(pool):
-            run(kc, "kept = 1")
-            checkpoint = wait_suspended(pool, km.kernel_id)
-            me = BrokerClient(pool.url, pool.user_token)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                if me.checkpoints(km.kernel_id)[0]["state"] == "expired":
-                    break
-                time.sleep(0.3)
-            assert me.checkpoints(km.kernel_id)[0]["state"] == "expired"
-            assert not Path(checkpoint["path"]).exists(), "the broker did not delete it"
-            content, _ = run(kc, "kept")
-            assert content["status"] == "error" and content["ename"] == "ResumeFailed"
-            assert "expired after 3s and was deleted" in content["evalue"]
-            assert "restart the kernel" in content["evalue"]
-    finally:
-        pool.stop()
+def test_an_expired_checkpoint_is_explained_on_the_next_cell(make_idle_pool):
+    pool = make_idle_pool(checkpoint_max_age="3s")
+    for km, kc in started(pool):
+        run(kc, "kept = 1")
+        checkpoint = wait_suspended(pool, km.kernel_id)
+        me = BrokerClient(pool.url, pool.user_token)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if me.checkpoints(km.kernel_id)[0]["state"] == "expired":
+                break
+            time.sleep(0.3)
+        assert me.checkpoints(km.kernel_id)[0]["state"] == "expired"
+        assert not Path(checkpoint["path"]).exists(), "the broker did not delete it"
+        content, _ = run(kc, "kept")
+        assert content["status"] == "error" and content["ename"] == "ResumeFailed"
+        assert "expired after 3s and was deleted" in content["evalue"]
+        assert "restart the kernel" in content["evalue"]

@@ -221,11 +221,16 @@ class KernelSession(SuspensionMixin):
         key, scheme, _ = self._launch
         ports = self.kernel.reply.ports
         self._upstream = {name: conn.forward(port) for name, port in ports.items()}
-        if self.control is not None:
-            self.control.close()
+        self._drop_control()
         self.control = KernelControl(self._upstream["control"], key, scheme)
         if attach:
             self.proxy.attach(self._upstream)
+
+    def _drop_control(self) -> None:
+        """Close our control client of a kernel that is ending or being replaced."""
+        control, self.control = self.control, None
+        if control is not None:
+            control.close()
 
     def ensure_connected(self) -> None:
         """After an SSH drop: reconnect, tunnel again, re-attach (the kernel outlived the drop)."""
@@ -287,9 +292,7 @@ class KernelSession(SuspensionMixin):
         with self._lock:
             self.proxy.detach()
             self.kernel = None
-            if self.control is not None:
-                self.control.close()
-                self.control = None
+            self._drop_control()
 
     # ---- re-attach (a restarted Jupyter server finds its kernels again) ---------------------
 
@@ -410,9 +413,7 @@ class KernelSession(SuspensionMixin):
                 self.conn.close()
                 self.conn = None
             self.kernel = None
-            if self.control is not None:
-                self.control.close()
-                self.control = None
+            self._drop_control()
             self._withdraw()
             self.proxy.close()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():

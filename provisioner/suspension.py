@@ -104,9 +104,7 @@ class SuspensionMixin:
         assert lease is not None and lease.host is not None and self.target is not None
         self.suspended = Suspended(lease.host, self.target, path, nbytes, reason, time.time())
         self.kernel = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
+        self._drop_control()
         self.lease = None
         checkpoint = {
             "host": lease.host.name,
@@ -242,9 +240,7 @@ class SuspensionMixin:
         if self.kernel is not None:
             remote.kill(self._connection(), self.target, self.kernel_id)
             self.kernel = None
-        if self.control is not None:
-            self.control.close()
-            self.control = None
+        self._drop_control()
         self._withdraw()
 
     def _forget_checkpoint(self) -> None:

@@ -57,7 +57,7 @@ def pool(
     monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
     monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(tmp_path / "kernels"))
     yield pool
-    pool.stop()
+    pool.close()
 
 
 @pytest.fixture(autouse=True)

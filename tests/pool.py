@@ -16,6 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
@@ -78,6 +79,7 @@ class Pool:
         self.kernels_dir = base / "jupyter" / "kernels"
         self.admin_token = ""
         self.user_token = ""
+        self.managers: list[KernelManager] = []  # kernels start_kernel started
 
     def cli(
         self, *args: str, token: str | None = None, check: bool = True
@@ -114,6 +116,24 @@ class Pool:
             "token", "create", "--config", str(self.config), "--user", user, "--role", role
         )
         return out.stdout.strip().split()[-1]
+
+    def start_kernel(self, name: str = "shared-gpu") -> tuple[KernelManager, BlockingKernelClient]:
+        """Start a kernel of kernelspec ``name`` and a client that has seen it ready;
+        ``close`` shuts it down if the test did not."""
+        km = self.kernel_manager(name)
+        self.managers.append(km)
+        km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=30)
+        return km, kc
+
+    def close(self) -> None:
+        """Shut down the kernels still running, then stop the broker."""
+        for km in self.managers:
+            if km.has_kernel:
+                km.shutdown_kernel(now=True)
+        self.stop()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

@@ -41,22 +41,8 @@ def pid_alive(pid: int) -> bool:
 
 @pytest.fixture
 def started(pool: Pool):
-    """Start Shared GPU kernels; shut down whatever a test left running."""
-    managers = []
-
-    def start(name: str = "shared-gpu"):
-        km = pool.kernel_manager(name)
-        km.start_kernel()
-        managers.append(km)
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=30)
-        return km, kc
-
-    yield start
-    for km in managers:
-        if km.has_kernel:
-            km.shutdown_kernel(now=True)
+    """Start Shared GPU kernels; the pool shuts down whatever a test left running."""
+    return pool.start_kernel
 
 
 def where(kc: BlockingKernelClient) -> dict[str, str]:

@@ -80,7 +80,7 @@ def make_idle_pool(
 
     yield make
     for pool in pools:
-        pool.stop()
+        pool.close()
 
 
 @pytest.fixture
@@ -90,15 +90,10 @@ def idle_pool(make_idle_pool: Callable[..., Pool]) -> Pool:
 
 
 def started(pool: Pool) -> Iterator[tuple]:
-    km = pool.kernel_manager()
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=30)
+    """One kernel on ``pool`` (which shuts it down at the end of the test)."""
+    km, kc = pool.start_kernel()
     yield km, kc
     kc.stop_channels()
-    if km.has_kernel:
-        km.shutdown_kernel(now=True)
 
 
 @pytest.fixture
@@ -248,11 +243,7 @@ def test_a_kernel_whose_jupyter_server_vanished_saves_itself_and_frees_its_slot(
     idle_pool: Pool,
 ):
     idle_pool.install_spec(orphan_grace="3s")
-    km = idle_pool.kernel_manager()
-    km.start_kernel()
-    kc = km.client()
-    kc.start_channels()
-    kc.wait_for_ready(timeout=30)
+    km, kc = idle_pool.start_kernel()
     run(kc, "precious = 41 + 1")
     pid = int(last_line(run(kc, "import os; print(os.getpid())")[1]))
     session = km.provisioner.session

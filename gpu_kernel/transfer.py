@@ -182,6 +182,10 @@ def copy_checkpoint(
             write_failed = e
         with contextlib.suppress(OSError):
             dst.close_stdin()
+        if write_failed is not None:  # let the exporter finish instead of blocking on its pipe
+            with contextlib.suppress(OSError):
+                while src.stdout.read(CHUNK):
+                    pass
         src_res = src.wait(timeout)
         reply = b""
         with contextlib.suppress(OSError):

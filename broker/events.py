@@ -31,6 +31,7 @@ class RequestLease:
     kind: str
     kernel_id: str
     now: float
+    prefer_host: str | None = None  # a resumed kernel's checkpoint is there: no copy needed
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ class Lease:
     group: str | None = None  # the group whose max_slots_per_user this lease counts against
     suspend_requested_at: float | None = None  # when SuspendIdle was last issued for it
     suspend_reason: str | None = None
+    prefer_host: str | None = None  # a free slot there goes first (not stored: lost on restart)
 
 
 def fits(lease: Lease, slot: SlotState) -> bool:

@@ -3,8 +3,7 @@
 The scheduler (``broker.scheduler.Scheduler``) owns one ``UsageLedger``: it adds a
 ``UsageRecord`` when a granted lease ends, and adds the running time of live leases itself when
 it asks. After a restart the service feeds the ended leases of the last two days back with
-``Scheduler.restore_usage(records)``. Values are immutable tuples in plain dicts, so the
-scheduler's snapshot is a shallow copy.
+``Scheduler.restore_usage(records)``.
 """
 
 from __future__ import annotations
@@ -89,13 +88,6 @@ class UsageLedger:
             for user, (v, at) in self.decayed.items()
             if self._decay(v, max(0.0, now - at)) >= 1.0
         }
-
-    def state(self) -> tuple:
-        return dict(self.daily), dict(self.decayed)
-
-    def set_state(self, state: tuple) -> None:
-        daily, decayed = state
-        self.daily, self.decayed = dict(daily), dict(decayed)
 
     def _decay(self, value: float, age: float) -> float:
         if self.half_life <= 0:

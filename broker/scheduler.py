@@ -160,6 +160,7 @@ class Scheduler(SchedulerState):
             kernel_id=event.kernel_id,
             seq=self._next_seq,
             created_at=event.now,
+            prefer_host=event.prefer_host,
         )
         self._next_seq += 1
         self._leases[lease.id] = lease
@@ -337,15 +338,16 @@ class Scheduler(SchedulerState):
         return out
 
     def _pick(self, lease: Lease, reservations: list) -> tuple[str, str | None] | None:
-        """The first grantable slot in pool order the lease may take, and the group charged."""
+        """The grantable slot the lease may take (on its ``prefer_host`` if one is free there,
+        else the first in pool order), and the group charged."""
         groups = self.groups_of(lease.user)
         held = {group.name: self.held_in_group(lease.user, group.name) for group in groups}
         free = self.pool.free_counts() if reservations else {}
         kinds = self.pool.free_kinds() if lease.kind == ANY_KIND else [lease.kind]
-        best: tuple[int, str | None] | None = None
+        best: tuple[tuple[bool, int], str | None] | None = None  # (rank, group charged)
         for kind in kinds:
-            index = self.pool.first_free(kind)
-            if index is None or (best is not None and index > best[0]):
+            rank = self._rank(kind, lease.prefer_host)
+            if rank is None or (best is not None and rank > best[0]):
                 continue
             group = None
             if groups:
@@ -355,10 +357,19 @@ class Scheduler(SchedulerState):
                 group = charged.name
             if reservations and blocked(lease.user, kind, reservations, free):
                 continue
-            best = (index, group)
+            best = (rank, group)
         if best is None:
             return None
-        return self.pool.id_at(best[0]), best[1]
+        return self.pool.id_at(best[0][1]), best[1]
+
+    def _rank(self, kind: str, host: str | None) -> tuple[bool, int] | None:
+        """The first free slot of ``kind``: (not on ``host``, pool index), lowest first."""
+        if host is not None:
+            index = self.pool.first_free_on(kind, host)
+            if index is not None:
+                return (False, index)
+        index = self.pool.first_free(kind)
+        return None if index is None else (True, index)
 
 
 _ = ENDING  # re-exported

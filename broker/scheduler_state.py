@@ -3,8 +3,8 @@ with the queries the service and the API read. Pure: no clock, no I/O.
 
 ``broker.scheduler.Scheduler`` subclasses ``SchedulerState`` and adds the rules (its ``handle``
 is the only way to change the state); the bookkeeping here (``_take``, ``_end``) keeps the
-per-user and per-group counts in step with the leases. ``snapshot``/``rollback`` let the service
-undo an event whose decisions the store failed to commit.
+per-user and per-group counts in step with the leases. When the store fails to commit an event,
+the service builds a new scheduler from the store instead of undoing the event here.
 """
 
 from __future__ import annotations
@@ -135,30 +135,6 @@ class SchedulerState:
         """True when ``user``'s GPU time today reached their quota (no quota: never)."""
         quota = self.quota_seconds(user)
         return quota is not None and self.usage_today(user, now) >= quota
-
-    def snapshot(self) -> tuple:
-        """An opaque copy of the state; ``rollback(snapshot)`` returns to it (the service does
-        so when the store fails to commit an event's decisions)."""
-        return (
-            self.policy,
-            self.pool.state_copy(),
-            dict(self._leases),
-            list(self._queue),
-            self._next_seq,
-            dict(self._granted),
-            dict(self._in_group),
-            self.usage.state(),
-            self._pruned_day,
-        )
-
-    def rollback(self, snapshot: tuple) -> None:
-        policy, pool, leases, queue, next_seq, granted, in_group, usage, pruned = snapshot
-        self.policy, self._next_seq, self._pruned_day = policy, next_seq, pruned
-        self.pool.set_state(pool)
-        self._leases, self._queue = dict(leases), list(queue)
-        self._granted, self._in_group = dict(granted), dict(in_group)
-        self.usage.half_life = policy.usage_half_life
-        self.usage.set_state(usage)
 
     # -- restoring after a restart ---------------------------------------------------------
 

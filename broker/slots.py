@@ -58,20 +58,6 @@ class SlotPool:
         self._drained_hosts: frozenset[str] = frozenset()
         self._rebuild()
 
-    # -- state for snapshot/rollback (values are immutable; tuples and dicts are replaced) --
-
-    def state_copy(self) -> tuple:
-        free = {kind: set(indexes) for kind, indexes in self._free.items()}
-        return dict(self._slots), dict(self._fences), self._drained_hosts, self._ids, free
-
-    def set_state(self, state: tuple) -> None:
-        slots, fences, drained_hosts, ids, free = state
-        self._slots, self._fences, self._drained_hosts = dict(slots), dict(fences), drained_hosts
-        self._ids = ids
-        self._order = {slot_id: index for index, slot_id in enumerate(ids)}
-        self._kinds = _kinds_of(self._slots)
-        self._free = {kind: set(indexes) for kind, indexes in free.items()}
-
     # -- queries ---------------------------------------------------------------------------
 
     def all(self) -> list[SlotState]:
@@ -81,7 +67,7 @@ class SlotPool:
         return self._slots.get(slot_id)
 
     def kinds(self) -> list[str]:
-        # kinds and retirement change only through _rebuild/set_state, which refresh the cache
+        # kinds and retirement change only through _rebuild, which refreshes the cache
         return list(self._kinds)
 
     def state(self, slot_id: str) -> str:
@@ -123,6 +109,12 @@ class SlotPool:
     def first_free(self, kind: str) -> int | None:
         free = self._free.get(kind)
         return min(free) if free else None
+
+    def first_free_on(self, kind: str, host: str) -> int | None:
+        """The first grantable slot of ``kind`` on ``host`` (a resumed kernel's checkpoint)."""
+        free = self._free.get(kind, ())
+        on_host = [i for i in free if self._slots[self._ids[i]].host == host]
+        return min(on_host) if on_host else None
 
     def id_at(self, index: int) -> str:
         return self._ids[index]

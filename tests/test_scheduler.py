@@ -439,3 +439,23 @@ SchedulerMachine.TestCase.settings = settings(
     max_examples=150, stateful_step_count=40, deadline=None
 )
 test_scheduler_machine = SchedulerMachine.TestCase
+
+
+def test_a_resumed_kernel_gets_a_free_slot_on_its_checkpoints_host() -> None:
+    s = Scheduler(
+        [
+            SlotState("h1/0", "h1", "a100"),
+            SlotState("h2/0", "h2", "a100"),
+            SlotState("h2/1", "h2", "mig"),
+        ],
+        Policy(max_leases_per_user=9),
+    )
+
+    def resume(lease_id: str, kind: str) -> list:
+        return s.handle(RequestLease(lease_id, "u", kind, f"k{lease_id}", 0.0, prefer_host="h2"))
+
+    assert resume("1", "a100") == [Granted("1", "h2/0")]  # ahead of h1/0 in pool order
+    assert resume("2", "any") == [Granted("2", "h2/1")]
+    assert resume("3", "a100") == [Granted("3", "h1/0")]  # none free there: pool order
+    assert resume("4", "a100") == [Queued("4", 1)]
+    assert s.handle(Release("1", 1.0)) == [Released("1", "h2/0", "released"), Granted("4", "h2/0")]

@@ -19,7 +19,6 @@ from broker.api import ApiError, BaseHandler
 from broker.auth import groups_of, may_act, taught_groups
 from broker.durations import parse_duration
 from broker.errors import ConfigError
-from broker.service import Unsupported
 from broker.usage import to_csv, usage_report
 from broker.views import checkpoint_json
 from gpu_kernel.errors import SharedGPUError
@@ -34,8 +33,6 @@ class HostDrainHandler(BaseHandler):
             self.service.set_drain(name, action == "drain")
         except KeyError:
             raise ApiError(404, "not_found", f"no host {name!r} in the config") from None
-        except Unsupported as exc:
-            raise ApiError(501, "not_implemented", exc.message) from None
         host = self.service.config.host(name)
         slots = [{"id": s.id, "state": self.service.slot_state(s.id)} for s in host.slots]
         self.send(200, {"host": name, "drained": self.service.drained(name), "slots": slots})
@@ -50,8 +47,6 @@ class SlotResetHandler(BaseHandler):
             state = self.service.reset_slot(slot_id)
         except KeyError:
             raise ApiError(404, "not_found", f"no slot {slot_id!r} in the config") from None
-        except Unsupported as exc:
-            raise ApiError(501, "not_implemented", exc.message) from None
         self.send(200, {"slot": slot_id, "state": state})
 
 
@@ -72,8 +67,6 @@ class ReloadHandler(BaseHandler):
                 "the new config was rejected, the old one stays:\n" + "\n".join(issues),
                 issues=issues,
             ) from None
-        except Unsupported as exc:
-            raise ApiError(501, "not_implemented", exc.message) from None
         except SharedGPUError as exc:  # e.g. an auto host that cannot be probed
             raise ApiError(
                 400, "bad_config", f"reload failed, the old config stays: {exc}", issues=[str(exc)]

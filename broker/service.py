@@ -17,12 +17,10 @@ import datetime
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 import tornado.locks
 import tornado.util
 
-from broker import scheduler as sch
 from broker.config import Config, SlotConfig
 from broker.decision_effects import HostEffects, record_decisions
 from broker.errors import BrokerError
@@ -34,17 +32,24 @@ from broker.scheduler import (
     Dropped,
     Event,
     Expired,
+    Fence,
+    FenceNeeded,
     Granted,
     Heartbeat,
     Lease,
     Policy,
+    Reconfigure,
     Refused,
     Release,
     Released,
     RequestLease,
+    ResetSlot,
     Scheduler,
+    SetDrain,
     SlotState,
+    SuspendIdle,
     Tick,
+    UsageRecord,
 )
 from broker.store import Store
 
@@ -53,45 +58,17 @@ log = logging.getLogger("broker")
 MAX_LEASES_PER_USER = 4
 USAGE_WINDOW_HALF_LIVES = 4  # ended leases restored into the scheduler's decayed usage
 
-# Scheduler names that arrive with the fair-scheduling work; None until they exist.
-FenceNeeded: Any = getattr(sch, "FenceNeeded", None)
-SuspendIdle: Any = getattr(sch, "SuspendIdle", None)
-Fenced: Any = getattr(sch, "Fenced", None)
-ResetSlot: Any = getattr(sch, "ResetSlot", None)
-SetDrain: Any = getattr(sch, "SetDrain", None)
-Reconfigure: Any = getattr(sch, "Reconfigure", None)
-UsageRecord: Any = getattr(sch, "UsageRecord", None)
-
 
 class LeaseRefused(BrokerError):
     """A lease request that can never be granted (e.g. a kind the pool does not have)."""
 
 
-class Unsupported(BrokerError):
-    """The scheduler in this build cannot do what was asked (e.g. drain before SetDrain)."""
-
-
-def _fields(cls: type) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
-
-
 def scheduler_policy(config: Config, max_leases_per_user: int | None = None) -> Policy:
     """The scheduler's Policy from the config's ``[policy]`` and groups."""
-    if hasattr(Policy, "from_config"):
-        policy = Policy.from_config(config.policy, tuple(getattr(config, "groups", ())))
-        if max_leases_per_user is not None:
-            policy = dataclasses.replace(policy, max_leases_per_user=max_leases_per_user)
-        return policy
-    values = {
-        name: getattr(config.policy, name)
-        for name in _fields(Policy)
-        if hasattr(config.policy, name)
-    }
-    if "max_leases_per_user" not in values:
-        values["max_leases_per_user"] = max_leases_per_user or MAX_LEASES_PER_USER
-    elif max_leases_per_user is not None:
-        values["max_leases_per_user"] = max_leases_per_user
-    return Policy(**values)
+    policy = Policy.from_config(config.policy, tuple(config.groups))
+    if max_leases_per_user is not None:
+        policy = dataclasses.replace(policy, max_leases_per_user=max_leases_per_user)
+    return policy
 
 
 class BrokerService(HostEffects):
@@ -118,22 +95,14 @@ class BrokerService(HostEffects):
         self._sweep_due: dict[str, float] = {}
         self._drains = store.drained_hosts()
         self._slot_index = {slot.id: slot for slot in config.slots}
-        kwargs: dict[str, Any] = {"next_seq": store.max_seq() + 1}
-        if "groups" in _init_params(Scheduler):
-            kwargs["groups"] = tuple(getattr(config, "groups", ()))
-        self.scheduler = Scheduler(
-            self._slot_states(config), scheduler_policy(config, max_leases_per_user), **kwargs
-        )
+        self.scheduler = self._load_scheduler()
         now = clock()
-        self._restore_usage(now)
-        self._restore_fences(now)
-        live = store.live_leases()
-        decisions = self.scheduler.restore(live, now)
+        decisions = self.scheduler.restore(store.live_leases(), now)
         with store.transaction():
             for lease in self.scheduler.leases():
                 store.put_lease(lease)
             record_decisions(self.store, decisions, now)
-            store.log(now, "broker_started", restored=len(live))
+            store.log(now, "broker_started", restored=len(self.scheduler.leases()))
 
     # -- what the API calls ----------------------------------------------------------------
 
@@ -144,9 +113,7 @@ class BrokerService(HostEffects):
     def request_lease(
         self, lease_id: str, user: str, kind: str, kernel_id: str, prefer_host: str | None = None
     ) -> Lease:
-        event = RequestLease(lease_id, user, kind, kernel_id, self.clock())
-        if prefer_host and "prefer_host" in _fields(RequestLease):
-            event = dataclasses.replace(event, prefer_host=prefer_host)  # type: ignore[call-arg]
+        event = RequestLease(lease_id, user, kind, kernel_id, self.clock(), prefer_host)
         decisions = self._apply(event)
         for decision in decisions:
             if isinstance(decision, Refused):
@@ -159,9 +126,7 @@ class BrokerService(HostEffects):
         self, lease_id: str, reason: str = "released", checkpoint: CheckpointRow | None = None
     ) -> Lease | None:
         """End a lease; ``reason="suspended"`` with ``checkpoint``: remember where it lives."""
-        event = Release(lease_id, self.clock())
-        if reason != "released" and "reason" in _fields(Release):
-            event = dataclasses.replace(event, reason=reason)  # type: ignore[call-arg]
+        event = Release(lease_id, self.clock(), reason)
 
         def extra(decisions: list[Decision]) -> None:
             ended = any(isinstance(d, Released) for d in decisions)
@@ -199,13 +164,8 @@ class BrokerService(HostEffects):
         return decisions
 
     def slot_state(self, slot_id: str) -> str:
-        """free | busy | drained | fencing | unreachable."""
-        if hasattr(self.scheduler, "slot_state"):
-            return str(self.scheduler.slot_state(slot_id))
-        slot = self.scheduler.slot(slot_id)
-        if slot is None:
-            return "unknown"
-        return "busy" if slot.lease_id else ("drained" if slot.drained else "free")
+        """free | busy | drained | fencing | unreachable (KeyError: no such slot)."""
+        return self.scheduler.slot_state(slot_id)
 
     def slot_config(self, slot_id: str) -> SlotConfig | None:
         """The slot's config (O(1)), or None when it is not (any longer) in the config."""
@@ -217,8 +177,6 @@ class BrokerService(HostEffects):
     def set_drain(self, host: str, drained: bool) -> None:
         """Drain (no new grants; leases keep running) or undrain a host; persisted."""
         self.config.host(host)  # KeyError: unknown host
-        if SetDrain is None:
-            raise Unsupported("this broker's scheduler cannot drain hosts yet")
         now = self.clock()
 
         def extra(_: list[Decision]) -> None:
@@ -231,8 +189,6 @@ class BrokerService(HostEffects):
     def reset_slot(self, slot_id: str) -> str:
         """An admin vouches that ``slot_id``'s last kernel is gone: the slot is free again."""
         self.config.slot(slot_id)  # KeyError: unknown slot
-        if ResetSlot is None:
-            raise Unsupported("this broker's scheduler cannot reset slots yet")
         now = self.clock()
 
         def extra(_: list[Decision]) -> None:
@@ -244,13 +200,9 @@ class BrokerService(HostEffects):
 
     def reconfigure(self, config: Config) -> None:
         """Swap in a new (checked) config without dropping a lease (``gpu-broker reload``)."""
-        if Reconfigure is None:
-            raise Unsupported("this broker's scheduler cannot reload its config yet")
         now = self.clock()
         policy = scheduler_policy(config, self._max_per_user)
-        event = Reconfigure(
-            tuple(self._slot_states(config)), policy, getattr(config, "groups", ()), now
-        )
+        event = Reconfigure(tuple(self._slot_states(config)), policy, config.groups, now)
 
         def extra(_: list[Decision]) -> None:
             self.store.log(now, "reconfigured", hosts=len(config.hosts), slots=len(config.slots))
@@ -262,6 +214,7 @@ class BrokerService(HostEffects):
             self._apply(event, extra)
         except BaseException:
             self.config, self._slot_index = old, old_index
+            self._reload_scheduler()  # with the old config's slots again
             raise
 
     async def wait_for_change(self, lease_id: str, timeout: float) -> None:
@@ -284,34 +237,43 @@ class BrokerService(HostEffects):
             for s in h.slots
         ]
 
-    def _restore_fences(self, now: float) -> None:
-        """Slots whose fencing a stop interrupted come back unreachable; the next Tick asks for
-        fencing again."""
-        rows = self.store.fences()
-        fence_cls = getattr(sch, "Fence", None)
-        if not rows or fence_cls is None or not hasattr(self.scheduler, "restore_fences"):
-            return
-        names = _fields(fence_cls)
-        fences = []
-        for row in rows:
-            values = {name: getattr(row, name) for name in names if hasattr(row, name)}
-            try:
-                fences.append(fence_cls(**values))
-            except TypeError:
-                log.warning("cannot restore the fence of %s", row.slot_id)
-        self.scheduler.restore_fences(fences, now)
-
-    def _restore_usage(self, now: float) -> None:
-        if not hasattr(self.scheduler, "restore_usage") or UsageRecord is None:
-            return
-        half_life = float(getattr(self.config.policy, "usage_half_life", 0) or 0)
+    def _load_scheduler(self) -> Scheduler:
+        """A scheduler with the config's slots, and the fences and the recent usage the store
+        holds (leases come next, through ``Scheduler.restore``)."""
+        config, now = self.config, self.clock()
+        scheduler = Scheduler(
+            self._slot_states(config),
+            scheduler_policy(config, self._max_per_user),
+            next_seq=self.store.max_seq() + 1,
+            groups=config.groups,
+        )
+        half_life = float(config.policy.usage_half_life or 0)
         since = now - max(2 * 86400.0, USAGE_WINDOW_HALF_LIVES * half_life)
-        records = [
+        scheduler.restore_usage(
             UsageRecord(lease.user, lease.granted_at, lease.ended_at)
             for lease in self.store.ended_leases(since)
             if lease.granted_at is not None and lease.ended_at is not None
+        )
+        # slots whose fencing a stop interrupted come back unreachable; a Tick fences again
+        fences = [
+            Fence(row.slot_id, row.lease_id, row.host, row.kernel_id) for row in self.store.fences()
         ]
-        self.scheduler.restore_usage(records)
+        scheduler.restore_fences(fences, now)
+        return scheduler
+
+    def _reload_scheduler(self) -> None:
+        """After an event failed half-way: take the state from the store again, which holds
+        everything up to the event before (its own writes were rolled back)."""
+        log.error("an event failed; reloading the scheduler's state from the store")
+        self.scheduler = self._load_scheduler()
+        now = self.clock()
+        decisions = self.scheduler.restore(self.store.live_leases(), now)
+        if decisions:  # grants the state before the failure had not made yet
+            with self.store.transaction():
+                for lease in self.scheduler.leases():
+                    self.store.put_lease(lease)
+                record_decisions(self.store, decisions, now)
+            self._after(decisions, now)
 
     def _apply(
         self, event: Event, extra: Callable[[list[Decision]], None] | None = None
@@ -319,11 +281,10 @@ class BrokerService(HostEffects):
         """One event: scheduler decides, store commits decisions, lease rows and ``extra``'s
         writes together; on any failure memory rolls back too."""
         queue_before = self.scheduler.queue_length
-        snapshot = self.scheduler.snapshot()
         try:
             decisions = self._decide_and_commit(event, extra)
         except BaseException:
-            self.scheduler.rollback(snapshot)  # memory and disk stay the same
+            self._reload_scheduler()  # memory follows the disk back
             raise
         touched = dict.fromkeys(getattr(d, "lease_id", None) for d in decisions)
         touched[getattr(event, "lease_id", None)] = None
@@ -376,19 +337,9 @@ class BrokerService(HostEffects):
                     self.metrics.observe_wait(max(0.0, now - lease.created_at))
             if isinstance(d, Released | Expired | Dropped):
                 self._orders.pop(d.lease_id, None)
-            if (
-                SuspendIdle is not None
-                and isinstance(d, SuspendIdle)
-                and self.scheduler.lease(d.lease_id)
-            ):
+            if isinstance(d, SuspendIdle) and self.scheduler.lease(d.lease_id):
                 # the scheduler asks once per idle spell; a newer order replaces an undelivered one
                 order = {"order": "suspend", "reason": str(d.reason)}
                 self._orders[d.lease_id] = [order]
-            if FenceNeeded is not None and isinstance(d, FenceNeeded):
+            if isinstance(d, FenceNeeded):
                 self._start_fence(d)
-
-
-def _init_params(cls: type) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(cls.__init__).parameters)

@@ -100,3 +100,39 @@ def test_sigkill_mid_burst_loses_nothing(tmp_path: Path) -> None:
             proc.kill()
             proc.wait()
         admin.close()
+
+
+def test_a_write_the_store_refuses_leaves_memory_as_the_disk(tmp_path: Path) -> None:
+    """SQLite refuses writes (query_only, as a full or read-only disk would): the call fails,
+    and the broker's state in memory is the disk's, not half an event; then it goes on."""
+    import sqlite3
+
+    import pytest
+
+    from broker.service import BrokerService
+    from tests.test_broker_api import write_config
+
+    config = load_config(write_config(tmp_path))
+    store = Store(config.server.database)
+    service = BrokerService(config, store)
+    held = service.request_lease("l1", "alice", "a100", "k1")
+    assert held.slot_id == "gpu1/0"
+
+    store._db.execute("PRAGMA query_only=ON")
+    with pytest.raises(sqlite3.OperationalError):
+        service.release("l1")
+    with pytest.raises(sqlite3.OperationalError):
+        service.request_lease("l2", "bob", "a100", "k2")
+    lease = service.lease("l1")
+    assert lease is not None and lease.state == "granted" and lease.slot_id == "gpu1/0"
+    assert service.lease("l2") is None
+    assert service.slot_state("gpu1/0") == "busy" and service.slot_state("gpu1/1") == "free"
+    assert [row.id for row in store.live_leases()] == ["l1"]
+
+    store._db.execute("PRAGMA query_only=OFF")
+    assert service.release("l1").state == "released"
+    granted = service.request_lease("l2", "bob", "a100", "k2")
+    assert granted.state == "granted" and granted.slot_id == "gpu1/0"
+    assert {row.id: row.state for row in Store(config.server.database).live_leases()} == {
+        "l2": "granted"
+    }

@@ -111,7 +111,9 @@ def create_token(store: Store, user: str, role: str = "user") -> tuple[str, Toke
 
 
 def verify(store: Store, token: str | None) -> Identity | None:
-    """The identity behind ``token``, or None when it is missing, unknown or revoked."""
+    """The identity behind ``token``, or None when it is missing, unknown or revoked. The API
+    calls it on every request; ``Store.token_by_hash`` answers known hashes from memory until a
+    token is created or revoked (by this broker or by the CLI's own connection)."""
     if not token or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     digest = hash_token(token)

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from broker.group_commit import GatedConnection, GroupCommit
 from broker.host_records import CheckpointRow as CheckpointRow  # re-exported
 from broker.host_records import FenceRow as FenceRow  # re-exported
 from broker.host_records import HostRecords
@@ -121,19 +121,22 @@ class Store(HostRecords):
     """One SQLite connection, used from one thread at a time (the broker's IOLoop, or the CLI).
     Drained hosts, fences and checkpoints: ``HostRecords`` (``broker.host_records``)."""
 
+    token_cache_size = 10_000  # token rows ``token_by_hash`` keeps in memory at most
+
     def __init__(self, path: str | Path, synchronous: str = "FULL") -> None:
         if synchronous.upper() not in ("FULL", "NORMAL", "OFF", "EXTRA"):
             raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10.0
+        self._db = GatedConnection(
+            sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10.0)
         )
         self._lock = threading.RLock()
         self.group_commit = False  # the server turns it on (see ``transaction``)
-        self._open = False
-        self._waiters: list[asyncio.Future] = []
+        self._group = GroupCommit(self._db)
+        self._token_cache: dict[str, TokenRow] = {}  # hash -> row, see ``token_by_hash``
+        self._token_cache_version = -1  # PRAGMA data_version the cache was filled at
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -148,8 +151,7 @@ class Store(HostRecords):
 
     def close(self) -> None:
         with self._lock:
-            if self._open:
-                self.flush()
+            self._group.close()
             self._db.close()
 
     @contextmanager
@@ -158,9 +160,9 @@ class Store(HostRecords):
 
         With ``group_commit`` on and an event loop running (the server), the block is a
         SAVEPOINT inside one transaction per loop iteration: it still rolls back alone, but
-        the COMMIT (the fsync) happens once for every event of the iteration, at its end
-        (``flush``). Replies wait for it (``durable_future``): nothing is answered before
-        it is on disk."""
+        the COMMIT (the fsync) happens once for every event of the iteration, at its end, on
+        the commit thread (``broker.group_commit``). Replies wait for it (``durable_future``):
+        nothing is answered before it is on disk."""
         with self._lock:
             loop = _running_loop() if self.group_commit else None
             if loop is None:
@@ -169,47 +171,35 @@ class Store(HostRecords):
                     yield self
                 except BaseException:
                     self._db.execute("ROLLBACK")
+                    self._token_cache.clear()  # it may have undone a token write
                     raise
                 self._db.execute("COMMIT")
                 return
-            if not self._open:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._open = True
-                loop.call_soon(self.flush)
+            if not self._group.open:
+                self._group.begin(loop)
             self._db.execute("SAVEPOINT event")
             try:
                 yield self
             except BaseException:
                 self._db.execute("ROLLBACK TO event")
                 self._db.execute("RELEASE event")
+                self._token_cache.clear()  # it may have undone a token write
                 raise
             self._db.execute("RELEASE event")
 
     def flush(self) -> None:
-        """Commit the open group transaction (end of a loop iteration) and wake the replies
-        that waited for it. A failed COMMIT leaves memory ahead of the disk: the broker must
-        restart from the disk, so the process exits (no client saw the lost changes)."""
+        """Commit the open group transaction now (the server does it at each iteration's end)."""
         with self._lock:
-            if not self._open:
-                return
-            waiters, self._waiters = self._waiters, []
-            try:
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                log.critical("COMMIT failed (%s): exiting so a restart reloads the disk", exc)
-                os._exit(70)
-            self._open = False
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            self._group.flush()
 
     def durable_future(self) -> asyncio.Future | None:
         """A future done once what was written so far is committed; None when it already is."""
-        if not self._open:
-            return None
-        future = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
-        return future
+        return self._group.durable()
+
+    def when_idle(self, call: Callable[[], None]) -> bool:
+        """True: ``call`` runs once the COMMIT in flight is done (the caller must not touch the
+        store before); False: nothing runs and the store may be used now."""
+        return self._group.when_idle(call)
 
     # -- leases ----------------------------------------------------------------------------
 
@@ -313,15 +303,38 @@ class Store(HostRecords):
                 (row.id, row.hash, row.prefix, row.user, row.role, row.created_at, row.revoked),
             )
             self.log(row.created_at, "token_created", user=row.user, token_id=row.id, role=row.role)
+            self._token_cache.clear()
 
     def token_by_hash(self, digest: str) -> TokenRow | None:
+        """The row of the token whose sha256 is ``digest``; ``broker.auth.verify`` calls it on
+        every request. Rows found (revoked too) are kept in memory, at most ``token_cache_size``,
+        until this store writes tokens or another connection commits (``gpu-broker token
+        create|revoke``: ``PRAGMA data_version`` changes, read on every call). Misses are never
+        kept, so unknown tokens cannot grow the cache."""
         with self._lock:
+            version = self._db.execute("PRAGMA data_version").fetchone()[0]
+            if version != self._token_cache_version:
+                self._token_cache.clear()
+                self._token_cache_version = version
+            cached = self._token_cache.get(digest)
+            if cached is not None:
+                return cached
             row = self._db.execute(
                 "SELECT id, hash, prefix, user, role, created_at, revoked FROM tokens "
                 "WHERE hash = ?",
                 (digest,),
             ).fetchone()
-        return _token(row) if row else None
+            if row is None:
+                return None
+            found = _token(row)
+            while len(self._token_cache) >= max(self.token_cache_size, 1):
+                del self._token_cache[next(iter(self._token_cache))]  # the oldest
+            self._token_cache[digest] = found
+            return found
+
+    def cached_tokens(self) -> int:
+        """How many token rows ``token_by_hash`` holds in memory (tests)."""
+        return len(self._token_cache)
 
     def tokens(self) -> list[TokenRow]:
         with self._lock:
@@ -336,6 +349,7 @@ class Store(HostRecords):
             for token_id in ids:
                 self._db.execute("UPDATE tokens SET revoked = 1 WHERE id = ?", (token_id,))
                 self.log(now, "token_revoked", token_id=token_id)
+            self._token_cache.clear()
 
 
 def _lease(row: tuple) -> Lease:

@@ -354,3 +354,78 @@ def test_restart_after_sigkill_keeps_leases(tmp_path: Path) -> None:
             proc.wait()
         alice.close()
         bob.close()
+
+
+# -- the token cache behind verify (Store.token_by_hash): two connections on one file, like the
+# -- broker and ``gpu-broker token create|revoke`` ---------------------------------------------
+
+
+@pytest.fixture
+def two_stores(tmp_path: Path) -> Iterator[tuple[Store, Store]]:
+    broker_store, cli_store = Store(tmp_path / "t.sqlite"), Store(tmp_path / "t.sqlite")
+    yield broker_store, cli_store
+    cli_store.close()
+    broker_store.close()
+
+
+def test_token_revoked_by_another_connection_is_refused_at_once(
+    two_stores: tuple[Store, Store],
+) -> None:
+    from broker.auth import revoke_token, verify
+
+    store, cli = two_stores
+    token, row = create_token(store, "alice")
+    other, _ = create_token(store, "bob")
+    for _ in range(3):  # cached now
+        assert verify(store, token) == verify(store, token)
+        assert verify(store, token) is not None and verify(store, other) is not None
+    assert store.cached_tokens() == 2
+    revoke_token(cli, row.id)
+    assert verify(store, token) is None
+    assert verify(store, other) is not None
+
+
+def test_token_created_by_another_connection_is_accepted_at_once(
+    two_stores: tuple[Store, Store],
+) -> None:
+    from broker.auth import verify
+
+    store, cli = two_stores
+    first, _ = create_token(store, "alice")
+    assert verify(store, first) is not None
+    token, _ = create_token(cli, "carol", "teacher")
+    who = verify(store, token)
+    assert who is not None and (who.user, who.role) == ("carol", "teacher")
+
+
+def test_token_revoked_through_the_same_store_is_refused_at_once(tmp_path: Path) -> None:
+    from broker.auth import revoke_token, verify
+
+    store = Store(tmp_path / "t.sqlite")
+    token, row = create_token(store, "alice")
+    assert verify(store, token) is not None and verify(store, token) is not None
+    revoke_token(store, row.prefix)
+    assert verify(store, token) is None
+    token2, _ = create_token(store, "alice")
+    assert verify(store, token2) is not None
+    store.close()
+
+
+def test_unknown_tokens_do_not_grow_the_token_cache(tmp_path: Path) -> None:
+    import secrets
+
+    from broker.auth import TOKEN_PREFIX, verify
+
+    store = Store(tmp_path / "t.sqlite")
+    store.token_cache_size = 4
+    known = [create_token(store, f"u{i}")[0] for i in range(6)]
+    for _ in range(2000):
+        assert verify(store, TOKEN_PREFIX + secrets.token_urlsafe(32)) is None
+    assert store.cached_tokens() == 0  # misses are never kept
+    for token in known + known:  # more known tokens than the bound: the oldest make room
+        assert verify(store, token) is not None
+        assert store.cached_tokens() <= 4
+    for _ in range(2000):
+        assert verify(store, TOKEN_PREFIX + secrets.token_urlsafe(32)) is None
+    assert store.cached_tokens() == 4
+    store.close()

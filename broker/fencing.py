@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from broker.hosts_config import HostConfig
 from gpu_kernel import remote
 from gpu_kernel.errors import SharedGPUError
+from gpu_kernel.protocol import SUSPENDED_EXIT_CODE
 from gpu_kernel.ssh import HostConnection, HostTarget, connect
 
 log = logging.getLogger("broker.fencing")
@@ -53,6 +54,8 @@ def fence_kernel(
             status = remote.kill(conn, target, kernel_id)
             if status.alive:
                 return False, f"kernel {kernel_id} on {host.name} survived SIGKILL"
+            if status.exit_code == SUSPENDED_EXIT_CODE:  # it saved its state (orphan watchdog)
+                return True, f"kernel {kernel_id} saved its state on {host.name}; kept there"
             if not keep_runtime:
                 remote.cleanup(conn, target, kernel_id)
     except SharedGPUError as exc:

@@ -36,7 +36,6 @@ from gpu_kernel import checkpoint_io as cio
 from gpu_kernel import checkpoint_pickle as cp
 from gpu_kernel.errors import SharedGPUError
 
-SUSPENDED_EXIT_CODE = 75
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 # torch files: verified through a small buffer, then torch.load(mmap=True) from the page cache

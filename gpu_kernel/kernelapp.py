@@ -40,9 +40,9 @@ from gpu_kernel.control import (
     restore_reply,
     suspend_reply,
 )
+from gpu_kernel.protocol import SUSPENDED_EXIT_CODE
 
 LOOPBACK = "127.0.0.1"
-SUSPENDED_EXIT_CODE = 75  # as gpu_kernel.checkpoint's (checked in the tests)
 SUSPENDED_NOTICE = "shared_gpu_suspended"  # IOPub: the kernel saved itself and will exit
 ORPHAN_EXIT_CODE = 70  # orphaned and the checkpoint failed: exits anyway, the GPU goes back
 EXIT_DELAY = 0.2  # s between the last reply and the exit, for IOPub's idle status to go out

@@ -16,6 +16,7 @@ from typing import Any
 from gpu_kernel.errors import BadRequest
 
 PROTOCOL_VERSION = 1
+SUSPENDED_EXIT_CODE = 75  # a kernel that saved its state and ended (suspend, orphan watchdog)
 PORT_NAMES = ("shell", "iopub", "stdin", "control", "hb")
 KERNEL_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

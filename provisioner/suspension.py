@@ -22,8 +22,9 @@ import zmq
 from broker.client import HostInfo
 from broker.errors import BrokerError
 from gpu_kernel import remote
-from gpu_kernel.checkpoint import SUSPENDED_EXIT_CODE, format_bytes
+from gpu_kernel.checkpoint import format_bytes
 from gpu_kernel.errors import SharedGPUError
+from gpu_kernel.protocol import SUSPENDED_EXIT_CODE
 from gpu_kernel.ssh import HostTarget, connect
 from gpu_kernel.transfer import copy_checkpoint
 from provisioner.kernel_control import KernelControlError

@@ -21,12 +21,12 @@ import torch
 
 from gpu_kernel import checkpoint_io
 from gpu_kernel.checkpoint import (
-    SUSPENDED_EXIT_CODE,
     CheckpointError,
     Manifest,
     load_namespace,
     save_namespace,
 )
+from gpu_kernel.protocol import SUSPENDED_EXIT_CODE
 
 KEY = b"0123456789abcdef0123456789abcdef"
 

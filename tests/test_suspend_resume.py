@@ -268,6 +268,8 @@ def test_a_kernel_whose_jupyter_server_vanished_saves_itself_and_frees_its_slot(
     while time.monotonic() < deadline and any(idle_pool.slot_users().values()):
         time.sleep(0.5)
     assert not any(idle_pool.slot_users().values()), "the orphan's slot was not freed"
+    # freeing the slot fenced the kernel's host: what the kernel saved there is still there
+    assert all(path.exists() for path in saved), "fencing deleted the orphan's checkpoint"
 
 
 def test_a_shared_checkpoint_dir_resumes_elsewhere_without_a_copy(tmp_path: Path, make_idle_pool):

@@ -240,17 +240,20 @@ class Scheduler(SchedulerState):
         """SuspendIdle for each granted lease that should give its slot back (``broker.idle``)."""
         policy = self.policy
         wanted = wanted_kinds(self.queue(), self.groups_of)
+        over: dict[str, bool] = {}  # user -> over today's quota (no groups: nobody)
         out: list[Decision] = []
         for lease in self.leases():
             if lease.state != "granted" or lease.slot_id is None:
                 continue
             if asked_recently(lease, now, policy):
                 continue
+            if lease.user not in over:
+                over[lease.user] = bool(policy.groups) and self.over_quota(lease.user, now)
             reason = suspend_reason(
                 lease,
                 now,
                 policy,
-                self.over_quota(lease.user, now),
+                over[lease.user],
                 partial(self._is_wanted, lease.slot_id, wanted),
             )
             if reason is not None:

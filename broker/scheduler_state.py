@@ -59,8 +59,9 @@ class SchedulerState:
         return self._leases.get(lease_id)
 
     def leases(self) -> list[Lease]:
-        """All live leases, in seq order."""
-        return sorted(self._leases.values(), key=lambda lease: lease.seq)
+        """All live leases, in seq order (the dict's: leases enter it in seq order, at request
+        or at restore, and a changed lease replaces itself in place)."""
+        return list(self._leases.values())
 
     def slots(self) -> list[SlotState]:
         """Every slot, retired ones (gone from the config, still leased or fenced) last."""

@@ -311,9 +311,9 @@ def test_activity_state_rules() -> None:
     assert not act.orphaned(5)
     act.set_info({})
     assert act.orphaned(5) and not act.orphaned(0) and not act.orphaned(20)
-    from gpu_kernel import checkpoint
+    from gpu_kernel import protocol
 
-    assert SUSPENDED_EXIT_CODE == checkpoint.SUSPENDED_EXIT_CODE
+    assert SUSPENDED_EXIT_CODE == protocol.SUSPENDED_EXIT_CODE  # what fencing recognises
     assert orphan_grace({}) == 120 and orphan_grace({"SHARED_GPU_ORPHAN_GRACE": "0"}) == 0
     assert orphan_grace({"SHARED_GPU_ORPHAN_GRACE": "2.5"}) == 2.5
     assert orphan_grace({"SHARED_GPU_ORPHAN_GRACE": "soon"}) == 120

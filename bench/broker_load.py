@@ -1,18 +1,24 @@
-"""Broker load: lease grant+release through the real HTTP API with N live leases in the store,
-against the same inserts/updates straight on SQLite. Not a test.
+"""Broker load: lease grant+release over the real HTTP API with 1,000 live leases in the store,
+durable writes, against the same writes straight on SQLite. Not a test.
 
-    .venv/bin/python bench/broker_load.py [--live 1000] [--ops 2000] [--threads 4]
+    .venv/bin/python bench/broker_load.py [--live 1000] [--ops 4000] [--clients 4,8]
+                                          [--wrk-connections 16] [--seconds 10] [--sync FULL]
 
-One op = POST /api/v1/leases (granted) + DELETE /api/v1/leases/{id}: two HTTP round trips, two
-scheduler events, each durable before its reply. The SQLite side does the same two transactions
-(lease row + audit rows) with no HTTP and no scheduler. Rows, side by side in one run:
+One op is one grant (POST /api/v1/leases, 201) and its release (DELETE /api/v1/leases/{id}):
+two HTTP requests, two scheduler events, each on disk before its reply. Rows, in one run:
 
-- "before": the load generator's clients are threads in the server's process (sharing its GIL)
-  and every event commits (fsyncs) on its own: how this bench measured the broker at first;
-- "after": the clients are separate processes (as real Jupyter servers are) and the broker
-  commits once per IOLoop iteration for all the events of that iteration (group commit; each
-  reply still waits until its event is on disk);
-- the SQLite floor: one writer, one commit per transaction.
+- "BrokerClient xN": N client processes of the provisioner's own client (``http.client``),
+  ``--ops`` ops in all. They share this machine's 2 cores with the broker, so they measure the
+  pair as a user sees it, not the broker's capacity;
+- "wrk xN" (when ``wrk`` is installed: ``apt-get install wrk``): N connections from wrk (C,
+  ``bench/broker_pairs.lua``) for ``--seconds``; wrk costs little CPU, so this is the broker's
+  capacity. wrk's latencies are per request, not per op;
+- "SQLite direct": the same lease and audit rows written by one writer, one transaction per
+  event, no HTTP and no scheduler: the floor.
+
+"broker CPU/op" is this process's CPU time (the broker's loop and commit threads; the clients
+are other processes) per op. To compare two versions of the broker in one sitting, run this
+file with ``PYTHONPATH`` pointing at the other checkout first.
 
 Goal (DESIGN.md): >= 2,000 ops/s, p99 < 20 ms with 1,000 live sessions.
 """
@@ -21,10 +27,14 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
+import shutil
 import statistics
+import subprocess
 import tempfile
-import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from broker.auth import create_token
@@ -33,6 +43,18 @@ from broker.config import parse_config
 from broker.scheduler import Lease
 from broker.server import BrokerServer
 from broker.store import Store
+
+LUA = Path(__file__).with_name("broker_pairs.lua")
+
+
+@dataclass
+class Row:
+    name: str
+    ops: float  # grant+release ops per second
+    p50_ms: float
+    p99_ms: float
+    latency_of: str  # "op" or "request"
+    cpu_per_op_us: float  # CPU of this process per op
 
 
 def config_text(slots: int) -> str:
@@ -59,8 +81,9 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _cycles(url: str, token: str, count: int) -> list[float]:
-    """One client: ``count`` grant+release cycles on one kept-alive connection."""
+def _cycles(args: tuple[str, str, int]) -> list[float]:
+    """One client process: ``count`` grant+release cycles on one kept-alive connection."""
+    url, token, count = args
     mine: list[float] = []
     with BrokerClient(url, token) as client:
         for _ in range(count):
@@ -72,64 +95,80 @@ def _cycles(url: str, token: str, count: int) -> list[float]:
     return mine
 
 
-def _in_process(args: tuple[str, str, int]) -> list[float]:
-    return _cycles(*args)
-
-
-def run_http(
-    tmp: Path, live: int, ops: int, threads: int, sync: str, after: bool
-) -> tuple[float, list[float]]:
-    name = f"http-{sync}-{'after' if after else 'before'}"
-    path = tmp / name / "broker.toml"
-    path.parent.mkdir()
-    path.write_text(config_text(live + threads))
+def with_broker(tmp: Path, live: int, users: int, sync: str, run: Callable) -> Row:
+    """Start a broker with ``live`` granted leases and ``users`` spare slots and tokens, then
+    ``run(url, tokens)`` -> (row, op count); fill in the broker's CPU per op."""
+    root = Path(tempfile.mkdtemp(dir=tmp))
+    path = root / "broker.toml"
+    path.write_text(config_text(live + users))
     config = parse_config(path.read_text(), path)
     store = Store(config.server.database)
-    tokens = [create_token(store, f"bench{i}")[0] for i in range(threads)]
+    tokens = [create_token(store, f"bench{i}")[0] for i in range(users)]
     store.close()
-    server = BrokerServer(config, port=0, tick_interval=1.0, synchronous=sync, group_commit=after)
+    server = BrokerServer(config, port=0, tick_interval=1.0, synchronous=sync)
     url = server.start_in_thread()
     service = server.service
     assert service is not None
     server.call(
         lambda: [service.request_lease(f"live{i}", f"user{i}", "sim", "k") for i in range(live)]
     )
-    per = ops // threads
-    latencies: list[float] = []
-    t0 = time.perf_counter()
-    if after:
+    cpu0 = time.process_time()
+    try:
+        row, ops = run(url, tokens)
+    finally:
+        cpu = time.process_time() - cpu0
+        server.stop_thread()
+    row.cpu_per_op_us = cpu / ops * 1e6
+    return row
+
+
+def python_clients(clients: int, ops: int) -> Callable:
+    def run(url: str, tokens: list[str]) -> tuple[Row, int]:
+        per = ops // clients
+        latencies: list[float] = []
         ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(threads) as pool:
-            # warm the workers (imports) before the clock starts
-            pool.map(time.sleep, [0.01] * threads)
+        with ctx.Pool(clients) as pool:
+            pool.map(time.sleep, [0.01] * clients)  # warm the workers (imports) first
             t0 = time.perf_counter()
-            for mine in pool.map(_in_process, [(url, token, per) for token in tokens]):
+            for mine in pool.map(_cycles, [(url, token, per) for token in tokens]):
                 latencies.extend(mine)
-    else:
-        lock = threading.Lock()
+            elapsed = time.perf_counter() - t0
+        p50, p99 = statistics.median(latencies), pct(latencies, 0.99)
+        row = Row(
+            f"BrokerClient x{clients}", len(latencies) / elapsed, p50 * 1e3, p99 * 1e3, "op", 0
+        )
+        return row, len(latencies)
 
-        def worker(token: str) -> None:
-            mine = _cycles(url, token, per)
-            with lock:
-                latencies.extend(mine)
-
-        workers = [threading.Thread(target=worker, args=(token,)) for token in tokens]
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-    elapsed = time.perf_counter() - t0
-    server.stop_thread()
-    return len(latencies) / elapsed, latencies
+    return run
 
 
-def run_sqlite(tmp: Path, live: int, ops: int, sync: str) -> tuple[float, list[float]]:
+def wrk(connections: int, seconds: int) -> Callable:
+    def run(url: str, tokens: list[str]) -> tuple[Row, int]:
+        command = ["wrk", "-t", str(connections), "-c", str(connections), "-d", f"{seconds}s"]
+        out = subprocess.run(
+            [*command, "-s", str(LUA), url],
+            env={**os.environ, "BROKER_TOKENS": ",".join(tokens)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        line = next(line for line in out.splitlines() if line.startswith("RESULT"))
+        requests, errors, micros, p50, p99 = line.split()[1:]
+        assert int(errors) == 0, f"wrk saw {errors} replies that were not 2xx:\n{out}"
+        ops = int(requests) // 2
+        rate = ops / (int(micros) / 1e6)
+        return Row(f"wrk x{connections}", rate, float(p50), float(p99), "request", 0), ops
+
+    return run
+
+
+def sqlite_direct(tmp: Path, live: int, ops: int, sync: str) -> Row:
     store = Store(tmp / f"direct-{sync}.sqlite", synchronous=sync)
     with store.transaction():
         for i in range(live):
             store.put_lease(Lease(f"live{i}", f"user{i}", "sim", "k", i + 1, 0.0, "granted", "s"))
     latencies = []
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     for n in range(ops):
         start = time.perf_counter()
         now = time.time()
@@ -142,37 +181,45 @@ def run_sqlite(tmp: Path, live: int, ops: int, sync: str) -> tuple[float, list[f
             store.end_lease(lease.id, "released", now, "released")
             store.log(now, "released", lease.id, slot="s")
         latencies.append(time.perf_counter() - start)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     store.close()
-    return ops / elapsed, latencies
+    p50, p99 = statistics.median(latencies) * 1e3, pct(latencies, 0.99) * 1e3
+    return Row("SQLite direct, 1 writer", ops / elapsed, p50, p99, "op", cpu / ops * 1e6)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--live", type=int, default=1000, help="live leases in the store")
-    parser.add_argument("--ops", type=int, default=2000, help="grant+release cycles")
-    parser.add_argument("--threads", type=int, default=4, help="concurrent HTTP clients")
-    parser.add_argument("--sync", default="FULL,NORMAL", help="synchronous modes to run")
+    parser.add_argument("--ops", type=int, default=4000, help="ops per BrokerClient row")
+    parser.add_argument("--clients", default="4,8", help="BrokerClient process counts")
+    parser.add_argument("--wrk-connections", default="16", help="wrk connection counts")
+    parser.add_argument("--seconds", type=int, default=10, help="seconds per wrk row")
+    parser.add_argument("--sync", default="FULL", help="SQLite synchronous modes: FULL,NORMAL")
     args = parser.parse_args()
-    rows = []
+    has_wrk = shutil.which("wrk") is not None
+    rows: list[tuple[str, Row]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for sync in args.sync.split(","):
-            for after in (False, True):
-                rate, lat = run_http(Path(tmp), args.live, args.ops, args.threads, sync, after)
-                label = "after: client procs, group" if after else "before: client threads"
-                rows.append((f"HTTP {label}", sync, rate, lat))
-            rate, lat = run_sqlite(Path(tmp), args.live, args.ops, sync)
-            rows.append(("SQLite direct, 1 writer", sync, rate, lat))
-    print(f"grant+release, {args.live} live leases, {args.ops} ops per row, {args.threads} clients")
-    print(f"{'path':<38} {'sync':<7} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
-    for name, sync, rate, lat in rows:
-        p50, p99 = statistics.median(lat) * 1000, pct(lat, 0.99) * 1000
-        print(f"{name:<38} {sync:<7} {rate:>8.0f} {p50:>8.2f} {p99:>8.2f}")
-    by = {(name.split(":")[0], sync): rate for name, sync, rate, _ in rows}
-    for sync in args.sync.split(","):
-        before, after = by.get(("HTTP before", sync)), by.get(("HTTP after", sync))
-        if before and after:
-            print(f"after/before ({sync}): {after / before:.1f}x")
+            for n in (int(c) for c in args.clients.split(",") if c):
+                run = python_clients(n, args.ops)
+                rows.append((sync, with_broker(Path(tmp), args.live, n, sync, run)))
+            for n in (int(c) for c in args.wrk_connections.split(",") if c and has_wrk):
+                run = wrk(n, args.seconds)
+                rows.append((sync, with_broker(Path(tmp), args.live, n, sync, run)))
+            rows.append((sync, sqlite_direct(Path(tmp), args.live, args.ops, sync)))
+    print(f"grant+release with {args.live} live leases; one op = 1 grant + 1 release = 2 requests")
+    print(
+        f"{'load':<24} {'sync':<6} {'ops/s':>7} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'latency of':>10} {'CPU/op':>9}"
+    )
+    for sync, row in rows:
+        requests = f"{2 * row.ops:>7.0f}" if not row.name.startswith("SQLite") else f"{'-':>7}"
+        print(
+            f"{row.name:<24} {sync:<6} {row.ops:>7.0f} {requests} {row.p50_ms:>7.2f} "
+            f"{row.p99_ms:>7.2f} {row.latency_of:>10} {row.cpu_per_op_us:>6.0f} us"
+        )
+    if not has_wrk:
+        print("(no wrk here: `apt-get install wrk` adds the broker-capacity rows)")
 
 
 if __name__ == "__main__":

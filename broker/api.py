@@ -21,8 +21,8 @@ import tornado.web
 
 from broker import calls
 from broker.auth import Identity
-from broker.calls import ApiError, Call, Reply, authenticate
-from broker.lease_routes import ApiRouter
+from broker.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError, Call, Reply, authenticate
+from broker.lease_routes import ApiRouter, log_access
 from broker.leases import Lease
 from broker.service import BrokerService
 from broker.views import checkpoint_json, host_json, lease_json, slot_json, status_json
@@ -63,8 +63,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self.service = service
 
     def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.set_header("Cache-Control", "no-store")
+        for name, value in JSON_HEADERS.items():
+            self.set_header(name, value)
 
     def prepare(self) -> None:
         self.identity = authenticate(self.service, self.request.headers.get("Authorization", ""))
@@ -73,7 +73,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return Call(self.service, self.identity, self.request.body)
 
     def send(self, status: int, body: dict[str, Any]) -> None:
-        """Reply once everything written so far is on disk (group commit, ``Store.flush``)."""
+        """Reply once everything written so far is on disk (``broker.group_commit``)."""
         self.set_status(status)
         payload = json.dumps(body)
         pending = self.service.store.durable_future()
@@ -95,7 +95,7 @@ class BaseHandler(tornado.web.RequestHandler):
             if status == 405:
                 message = f"method {self.request.method} is not allowed on {self.request.path}"
         else:
-            status, code, message = 500, "internal", "internal error in the broker (see its log)"
+            status, code, message = 500, "internal", INTERNAL_ERROR
         self.clear_header("Location")
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.set_status(status)
@@ -208,16 +208,4 @@ def make_app(service: BrokerService) -> tornado.web.Application:
 
 
 def _log_request(handler: tornado.web.RequestHandler) -> None:
-    """Access log without query strings or headers (nothing secret in logs)."""
-    status = handler.get_status()
-    level = logging.DEBUG if status < 400 else logging.INFO
-    if not log.isEnabledFor(level):
-        return
-    log.log(
-        level,
-        "%d %s %s %.1fms",
-        status,
-        handler.request.method,
-        handler.request.path,
-        1000 * handler.request.request_time(),
-    )
+    log_access(handler.get_status(), handler.request)

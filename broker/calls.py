@@ -22,6 +22,9 @@ from broker.leases import Lease
 from broker.service import BrokerService, LeaseRefused
 from broker.views import lease_json
 
+JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
+INTERNAL_ERROR = "internal error in the broker (see its log)"
+
 
 class ApiError(Exception):
     """Raised by endpoints; rendered as ``{"error": {"code", "message"}}`` with ``status``."""

@@ -27,6 +27,8 @@ import httptools
 from tornado import httputil
 from tornado.concurrent import Future
 
+from broker.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError
+
 log = logging.getLogger("broker.api")
 
 __all__ = ["MAX_BODY_BYTES", "MAX_HEADER_BYTES", "HttpProtocol"]
@@ -207,7 +209,7 @@ class HttpProtocol(asyncio.Protocol):
                 if exchange.started_reply:
                     self.close()
                 else:
-                    self._refuse(500, "internal error in the broker (see its log)")
+                    self._refuse(500, INTERNAL_ERROR)
 
     def done(self, exchange: Exchange, keep_alive: bool) -> None:
         """``exchange`` wrote its whole reply."""
@@ -241,12 +243,11 @@ class HttpProtocol(asyncio.Protocol):
             self.refusal = (status, message)  # ``done`` sends it
             return
         codes = {413: "too_large", 431: "headers_too_large", 500: "internal"}
-        body = json.dumps({"error": {"code": codes.get(status, "bad_request"), "message": message}})
+        body = json.dumps(ApiError(status, codes.get(status, "bad_request"), message).body())
         reason = httputil.responses.get(status, "Bad Request")
-        self.transport.write(
-            f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json; charset=utf-8\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n{body}".encode()
-        )
+        head = [f"HTTP/1.1 {status} {reason}", *(f"{k}: {v}" for k, v in JSON_HEADERS.items())]
+        head += [f"Content-Length: {len(body)}", "Connection: close"]
+        self.transport.write(("\r\n".join(head) + "\r\n\r\n" + body).encode())
         self._linger()
 
     def _linger(self) -> None:

@@ -25,10 +25,10 @@ from tornado import httputil
 from tornado.escape import url_unescape
 
 from broker import calls
-from broker.calls import ApiError, Call, Reply
+from broker.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError, Call, Reply
 from broker.service import BrokerService
 
-__all__ = ["ApiRouter", "LeaseCall"]
+__all__ = ["ApiRouter", "LeaseCall", "log_access"]
 
 log = logging.getLogger("broker.api")
 
@@ -91,8 +91,7 @@ class LeaseCall(httputil.HTTPMessageDelegate):
             reply = Reply(exc.status, exc.body())
         except Exception:
             log.exception("%s %s failed", self.request.method, self.request.path)
-            message = "internal error in the broker (see its log)"
-            reply = Reply(500, {"error": {"code": "internal", "message": message}})
+            reply = Reply(500, ApiError(500, "internal", INTERNAL_ERROR).body())
         pending = self.service.store.durable_future()
         if pending is None:
             self._write(reply)
@@ -112,8 +111,7 @@ class LeaseCall(httputil.HTTPMessageDelegate):
         payload = json.dumps(reply.body).encode()
         headers = httputil.HTTPHeaders(
             {
-                "Content-Type": "application/json; charset=utf-8",
-                "Cache-Control": "no-store",
+                **JSON_HEADERS,
                 "Content-Length": str(len(payload)),
                 "Date": _http_date(),
                 **reply.headers,
@@ -128,7 +126,7 @@ class LeaseCall(httputil.HTTPMessageDelegate):
             connection.finish()
         except tornado.iostream.StreamClosedError:
             return  # the client left; the call's effect stands
-        _log_call(reply.status, self.request)
+        log_access(reply.status, self.request)
 
 
 def _path_arg(raw: str) -> str:
@@ -152,8 +150,9 @@ def _http_date() -> str:
     return _date_cache[1]
 
 
-def _log_call(status: int, request: httputil.HTTPServerRequest) -> None:
-    """Access log as ``broker.api`` writes it: no query strings, no headers."""
+def log_access(status: int, request: httputil.HTTPServerRequest) -> None:
+    """The access log line of every call (this module's and ``broker.api``'s handlers'):
+    no query strings, no headers, so nothing secret."""
     level = logging.DEBUG if status < 400 else logging.INFO
     if log.isEnabledFor(level):
         elapsed = 1000 * request.request_time()

@@ -187,11 +187,6 @@ class Store(HostRecords):
                 raise
             self._db.execute("RELEASE event")
 
-    def flush(self) -> None:
-        """Commit the open group transaction now (the server does it at each iteration's end)."""
-        with self._lock:
-            self._group.flush()
-
     def durable_future(self) -> asyncio.Future | None:
         """A future done once what was written so far is committed; None when it already is."""
         return self._group.durable()

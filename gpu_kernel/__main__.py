@@ -1,8 +1,8 @@
 """Command line of the GPU-host side; ``remote.py`` runs these over SSH.
 
 python -m gpu_kernel launch                       # LaunchRequest line on stdin
-python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N [--runtime-root DIR]
-python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint   # tar on stdout/stdin
+python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N --host NAME [--runtime-root DIR]
+python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint --host NAME   # tar stream
 python -m gpu_kernel probe                        # GPUs and MIG devices (NVML), one JSON line
 python -m gpu_kernel kernel -f CONNFILE           # the kernel itself (the launcher runs it)
 """
@@ -29,6 +29,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     ctl.add_argument("signum", nargs="?", type=int, help="signal number (for `signal`)")
     ctl.add_argument(
+        "--host",
+        required=True,
+        help="the broker's name of this host (runtime dirs are <root>/<host>/<kernel_id>)",
+    )
+    ctl.add_argument(
         "--runtime-root",
         default=None,
         help="default: $SHARED_GPU_RUNTIME_ROOT or ~/.local/share/jupyter-shared-gpu/kernels",
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from gpu_kernel import launcher
 
     if args.command == "ctl" and args.action.endswith("-checkpoint"):
-        return _checkpoint_stream(args.kernel_id, args.action, args.runtime_root)
+        return _checkpoint_stream(args.kernel_id, args.action, args.runtime_root, args.host)
 
     if args.command == "launch":
         reply, status = launcher.launch_main(sys.stdin.buffer.readline(1 << 20))
@@ -63,7 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.action == "signal" and args.signum is None:
             raise BadRequest("`signal` needs a signal number", "e.g. `ctl KERNEL_ID signal 2`")
-        result = launcher.ctl_main(args.kernel_id, args.action, args.signum, args.runtime_root)
+        result = launcher.ctl_main(
+            args.kernel_id, args.action, args.signum, args.runtime_root, args.host
+        )
     except BadRequest as e:
         print(LaunchReply.failure(e.code, e.message, e.hint).to_json(), flush=True)
         return 1
@@ -71,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _checkpoint_stream(kernel_id: str, action: str, root: str | None) -> int:
+def _checkpoint_stream(kernel_id: str, action: str, root: str | None, host: str) -> int:
     """export-checkpoint: tar on stdout (errors on stderr); import-checkpoint: tar on stdin."""
     from gpu_kernel import launcher, transfer
 
     try:
-        rdir = launcher.runtime_dir(root, kernel_id)
+        rdir = launcher.runtime_dir(root, host, kernel_id)
         if action == "export-checkpoint":
             transfer.export_checkpoint(rdir, sys.stdout.buffer)
             return 0

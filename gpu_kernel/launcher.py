@@ -28,6 +28,7 @@ from gpu_kernel.protocol import (
     KernelStatus,
     LaunchReply,
     LaunchRequest,
+    check_host_name,
     check_kernel_id,
 )
 
@@ -35,6 +36,7 @@ DEFAULT_RUNTIME_ROOT = "~/.local/share/jupyter-shared-gpu/kernels"
 START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.02
 KILL_GRACE = 3.0
+LAUNCH_RECORD = "launch.json"  # who the kernel belongs to: kernel_id, owner, host_name, slot, pid
 # Variables that would tie the kernel to a process on this side (ipykernel's parent poller).
 _DROP_ENV = ("JPY_PARENT_PID", "JPY_INTERRUPT_EVENT")
 
@@ -45,12 +47,15 @@ def runtime_root(root: str | None) -> Path:
     return Path(chosen).expanduser().absolute()
 
 
-def runtime_dir(root: str | None, kernel_id: str) -> Path:
-    """``<root>/<kernel_id>``, after checking the id cannot escape the root."""
+def runtime_dir(root: str | None, host_name: str, kernel_id: str) -> Path:
+    """``<root>/<host_name>/<kernel_id>``, after checking neither name can escape the root.
+
+    The host's name (the broker's) is part of the path so that hosts sharing a home directory
+    (NFS) keep their kernels apart: a cleanup on one host never touches a kernel on another."""
     base = runtime_root(root)
-    path = base / check_kernel_id(kernel_id)
-    if path.parent != base:
-        raise BadRequest(f"invalid kernel_id {kernel_id!r}")
+    path = base / check_host_name(host_name) / check_kernel_id(kernel_id)
+    if path.parent.parent != base:
+        raise BadRequest(f"invalid host name {host_name!r} or kernel_id {kernel_id!r}")
     return path
 
 
@@ -90,7 +95,8 @@ class StartFailed(Exception):
 
 def _prepare_dir(rdir: Path) -> None:
     """Create the 0700 runtime dir, or reuse it after a kernel of the same id has died."""
-    rdir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rdir.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rdir.parent.mkdir(mode=0o700, exist_ok=True)
     if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
         raise BadRequest(f"runtime dir {rdir} is not a directory", "remove it and launch again")
     if rdir.exists():
@@ -99,7 +105,7 @@ def _prepare_dir(rdir: Path) -> None:
                 f"a kernel with id {rdir.name} is already running on this host",
                 f"run `python -m gpu_kernel ctl {rdir.name} cleanup` first",
             )
-        for name in ("connection.json", "kernel.pid", "exit_code"):
+        for name in ("connection.json", "kernel.pid", "exit_code", LAUNCH_RECORD):
             (rdir / name).unlink(missing_ok=True)
     else:
         rdir.mkdir(mode=0o700)
@@ -114,7 +120,7 @@ def _write_private(path: Path, text: str) -> None:
 
 def start_kernel(req: LaunchRequest) -> LaunchReply:
     """Start the kernel for ``req`` and wait until it accepts on its shell port."""
-    rdir = runtime_dir(req.runtime_root, req.kernel_id)
+    rdir = runtime_dir(req.runtime_root, req.host_name, req.kernel_id)
     _prepare_dir(rdir)
     conn_file = rdir / "connection.json"
     info = {f"{n}_port": 0 for n in PORT_NAMES}
@@ -145,6 +151,15 @@ def start_kernel(req: LaunchRequest) -> LaunchReply:
             start_new_session=True,
         )
     _write_private(rdir / "kernel.pid", f"{proc.pid}\n")
+    record = {
+        "kernel_id": req.kernel_id,
+        "owner": req.owner,
+        "host_name": req.host_name,
+        "slot_id": req.slot_id,
+        "pid": proc.pid,
+        "started_at": time.time(),
+    }
+    _write_private(rdir / LAUNCH_RECORD, json.dumps(record))
 
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -275,9 +290,20 @@ def kernel_status(rdir: Path) -> KernelStatus:
     return KernelStatus(alive=_owned_pid(rdir) is not None, exit_code=exit_code)
 
 
-def ctl_main(kernel_id: str, action: str, signum: int | None, root: str | None) -> KernelStatus:
+def launch_record(rdir: Path) -> dict | None:
+    """What the launcher recorded about the kernel in ``rdir`` (owner, host, slot), or None."""
+    try:
+        record = json.loads((rdir / LAUNCH_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def ctl_main(
+    kernel_id: str, action: str, signum: int | None, root: str | None, host_name: str
+) -> KernelStatus:
     """Run one ctl action; every action answers the kernel's status afterwards."""
-    rdir = runtime_dir(root, kernel_id)
+    rdir = runtime_dir(root, host_name, kernel_id)
     pid = _owned_pid(rdir)
     if action == "signal":
         if signum is None or not 0 < signum < signal.NSIG:

@@ -10,15 +10,24 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gpu_kernel.errors import BadRequest
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: runtime dirs are <root>/<host_name>/<kernel_id>; requests name the owner
 SUSPENDED_EXIT_CODE = 75  # a kernel that saved its state and ended (suspend, orphan watchdog)
+# Asks a kernel to save its state and exit with SUSPENDED_EXIT_CODE as soon as no cell runs
+# (the broker's fence sends it before it kills a kernel whose lease ended).
+SAVE_SIGNAL = signal.SIGUSR1
 PORT_NAMES = ("shell", "iopub", "stdin", "control", "hb")
 KERNEL_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# The broker's name of a host: a directory name on every host (runtime dirs are per host, so
+# hosts that share a home directory never touch each other's kernels).
+HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# A broker user: a POSIX login name (portable characters, not starting with "-" or ".").
+USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MISSING = object()
 
@@ -31,6 +40,28 @@ def check_kernel_id(kernel_id: object) -> str:
             "a kernel id is 1-128 characters of A-Z, a-z, 0-9, '-' and '_'",
         )
     return kernel_id
+
+
+def check_host_name(name: object) -> str:
+    """Return ``name`` if it is a valid host name for the broker and the runtime dirs."""
+    if not isinstance(name, str) or not HOST_NAME_RE.fullmatch(name):
+        raise BadRequest(
+            f"invalid host name {name!r}",
+            "a host name is 1-64 characters of A-Z, a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def check_user_name(name: object) -> str:
+    """Return ``name`` if it is a valid broker user name (a POSIX login name)."""
+    if not isinstance(name, str) or not USER_NAME_RE.fullmatch(name):
+        raise BadRequest(
+            f"invalid user name {name!r}",
+            "a user name is 1-32 characters of A-Z, a-z, 0-9, '_', '.' and '-', "
+            "starting with a letter or '_'",
+        )
+    return name
 
 
 def _parse_object(line: str | bytes, what: str) -> dict[str, Any]:
@@ -83,6 +114,7 @@ class LaunchRequest:
     cuda_visible_devices: str
     host_name: str
     slot_id: str
+    owner: str  # the broker user the kernel belongs to (recorded in the runtime dir)
     signature_scheme: str = "hmac-sha256"
     env: dict[str, str] = field(default_factory=dict)
     runtime_root: str | None = None
@@ -113,6 +145,8 @@ class LaunchRequest:
         for n, v in strs.items():
             if "\0" in v:
                 raise BadRequest(f"{what}: field {n!r} contains a NUL byte")
+        check_host_name(strs["host_name"])
+        owner = check_user_name(_get(d, "owner", str, what))
         return cls(
             protocol=protocol,
             kernel_id=kernel_id,
@@ -120,6 +154,7 @@ class LaunchRequest:
             signature_scheme=scheme,
             env=_str_map(_get(d, "env", dict, what, {}), what),
             runtime_root=_get(d, "runtime_root", (str, type(None)), what, None),
+            owner=owner,
             **strs,
         )
 

@@ -2,8 +2,9 @@
 
 The provisioner calls ``launch`` (and ``signal`` for interrupts, ``kill``/``cleanup`` at shutdown);
 the broker calls ``status`` and ``cleanup`` to fence a kernel whose lease expired. ``target`` is
-the ``HostTarget`` (only its ``python`` is used) or the interpreter path itself. The HMAC key
-goes on the command's stdin, never on its command line.
+the ``HostTarget``: its ``python`` runs the command, its ``name`` (the broker's name of the host)
+picks the runtime dir ``<root>/<name>/<kernel_id>``. The HMAC key goes on the command's stdin,
+never on its command line.
 """
 
 from __future__ import annotations
@@ -13,7 +14,13 @@ import signal as _signal
 from typing import TYPE_CHECKING
 
 from gpu_kernel.errors import BadRequest, KernelControlError, LaunchError, ProtocolMismatch
-from gpu_kernel.protocol import KernelStatus, LaunchReply, LaunchRequest, check_kernel_id
+from gpu_kernel.protocol import (
+    KernelStatus,
+    LaunchReply,
+    LaunchRequest,
+    check_host_name,
+    check_kernel_id,
+)
 
 if TYPE_CHECKING:
     from gpu_kernel.ssh import CommandResult, HostConnection, HostTarget
@@ -27,8 +34,8 @@ INSTALL_HINT = (
 )
 
 
-def _python(target: HostTarget | str) -> str:
-    return target if isinstance(target, str) else target.python
+def _python(target: HostTarget) -> str:
+    return target.python
 
 
 def _where(conn: HostConnection) -> str:
@@ -55,7 +62,7 @@ def _reply_line(res: CommandResult) -> str:
     return lines[-1] if lines else ""
 
 
-def launch(conn: HostConnection, target: HostTarget | str, request: LaunchRequest) -> LaunchReply:
+def launch(conn: HostConnection, target: HostTarget, request: LaunchRequest) -> LaunchReply:
     """Start a kernel on the host; returns the ``ok`` reply or raises LaunchError."""
     python = _python(target)
     res = conn.run(
@@ -89,13 +96,14 @@ def launch(conn: HostConnection, target: HostTarget | str, request: LaunchReques
 
 def _ctl(
     conn: HostConnection,
-    target: HostTarget | str,
+    target: HostTarget,
     kernel_id: str,
     action: list[str],
     runtime_root: str | None,
 ) -> KernelStatus:
     python = _python(target)
     argv = [python, "-m", "gpu_kernel", "ctl", check_kernel_id(kernel_id), *action]
+    argv += ["--host", check_host_name(target.name)]
     if runtime_root:
         argv += ["--runtime-root", runtime_root]
     res = conn.run(argv, timeout=CTL_TIMEOUT)
@@ -121,7 +129,7 @@ def _ctl(
 
 def status(
     conn: HostConnection,
-    target: HostTarget | str,
+    target: HostTarget,
     kernel_id: str,
     runtime_root: str | None = None,
 ) -> KernelStatus:
@@ -131,7 +139,7 @@ def status(
 
 def signal(
     conn: HostConnection,
-    target: HostTarget | str,
+    target: HostTarget,
     kernel_id: str,
     signum: int = _signal.SIGINT,
     runtime_root: str | None = None,
@@ -142,7 +150,7 @@ def signal(
 
 def kill(
     conn: HostConnection,
-    target: HostTarget | str,
+    target: HostTarget,
     kernel_id: str,
     runtime_root: str | None = None,
 ) -> KernelStatus:
@@ -152,7 +160,7 @@ def kill(
 
 def cleanup(
     conn: HostConnection,
-    target: HostTarget | str,
+    target: HostTarget,
     kernel_id: str,
     runtime_root: str | None = None,
 ) -> KernelStatus:

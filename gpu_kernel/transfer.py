@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING
 
 from gpu_kernel.errors import BadRequest, RemoteHostError
-from gpu_kernel.protocol import check_kernel_id
+from gpu_kernel.protocol import check_host_name, check_kernel_id
 
 if TYPE_CHECKING:
     from gpu_kernel.ssh import HostConnection, HostTarget
@@ -129,12 +129,11 @@ def import_checkpoint(rdir: Path, inp: IO[bytes]) -> dict:
 # -- between hosts -----------------------------------------------------------------------------
 
 
-def _python(target: HostTarget | str) -> str:
-    return target if isinstance(target, str) else target.python
-
-
-def _ctl_argv(python: str, kernel_id: str, action: str, runtime_root: str | None) -> list[str]:
-    argv = [python, "-m", "gpu_kernel", "ctl", check_kernel_id(kernel_id), action]
+def _ctl_argv(
+    target: HostTarget, kernel_id: str, action: str, runtime_root: str | None
+) -> list[str]:
+    argv = [target.python, "-m", "gpu_kernel", "ctl", check_kernel_id(kernel_id), action]
+    argv += ["--host", check_host_name(target.name)]
     return argv + (["--runtime-root", runtime_root] if runtime_root else [])
 
 
@@ -153,9 +152,9 @@ def _error_text(stderr: bytes) -> str:
 
 def copy_checkpoint(
     src_conn: HostConnection,
-    src_python: HostTarget | str,
+    src_target: HostTarget,
     dst_conn: HostConnection,
-    dst_python: HostTarget | str,
+    dst_target: HostTarget,
     kernel_id: str,
     runtime_root: str | None = None,
     timeout: float = COPY_TIMEOUT,
@@ -165,8 +164,8 @@ def copy_checkpoint(
     ``runtime_root`` applies to both hosts (None: each host's default). Raises
     CheckpointTransferError naming the side that failed.
     """
-    src_argv = _ctl_argv(_python(src_python), kernel_id, "export-checkpoint", runtime_root)
-    dst_argv = _ctl_argv(_python(dst_python), kernel_id, "import-checkpoint", runtime_root)
+    src_argv = _ctl_argv(src_target, kernel_id, "export-checkpoint", runtime_root)
+    dst_argv = _ctl_argv(dst_target, kernel_id, "import-checkpoint", runtime_root)
     src_name, dst_name = _name(src_conn), _name(dst_conn)
     with (
         src_conn.open_stream(src_argv, timeout) as src,

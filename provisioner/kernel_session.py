@@ -204,6 +204,7 @@ class KernelSession(SuspensionMixin):
             cuda_visible_devices=self.lease.slot.device,
             host_name=self.lease.host.name,
             slot_id=self.lease.slot.id,
+            owner=self.lease.user,
             env=env,
             runtime_root=None,
         )
@@ -261,7 +262,7 @@ class KernelSession(SuspensionMixin):
                 return None
             try:
                 self.ensure_connected()  # a drop must re-tunnel, not just reconnect
-                status = remote.status(self._connection(), self.target.python, self.kernel_id)
+                status = remote.status(self._connection(), self.target, self.kernel_id)
             except SharedGPUError as err:
                 # The host is unreachable for now: the kernel may well be alive (it outlives
                 # our connection). Saying "dead" would make Jupyter restart it on a new slot.
@@ -279,12 +280,12 @@ class KernelSession(SuspensionMixin):
     def signal(self, signum: int) -> None:
         with self._lock:
             if self.kernel is not None and self.kernel.exit_code is None:
-                remote.signal(self._connection(), self.target.python, self.kernel_id, signum)
+                remote.signal(self._connection(), self.target, self.kernel_id, signum)
 
     def kill(self) -> None:
         with self._lock:
             if self.kernel is not None and self.kernel.exit_code is None:
-                remote.kill(self._connection(), self.target.python, self.kernel_id)
+                remote.kill(self._connection(), self.target, self.kernel_id)
                 self.kernel.checked_at = 0.0
 
     def forget_kernel(self) -> None:
@@ -407,7 +408,7 @@ class KernelSession(SuspensionMixin):
         with self._lock:
             if self.conn is not None and self.target is not None:
                 try:
-                    remote.cleanup(self.conn, self.target.python, self.kernel_id)
+                    remote.cleanup(self.conn, self.target, self.kernel_id)
                 except SharedGPUError as err:
                     log.warning("could not clean up kernel %s on its host: %s", self.kernel_id, err)
                 self.conn.close()

@@ -324,9 +324,10 @@ def test_bad_checkpoint_bodies(env: Env) -> None:
 
 def test_checkpoint_expires_on_its_host(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root_dir = tmp_path / "kernels"
+    monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(root_dir))  # the "local" host's default
+    root_dir = root_dir / "gpu2"  # runtime dirs are per host
     (root_dir / "kern-old" / "checkpoint").mkdir(parents=True)
     (root_dir / "kern-old" / "checkpoint" / "manifest.json").write_text("{}")
-    monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(root_dir))  # the "local" host's default
     env = Env(tmp_path, policy='checkpoint_max_age = "1s"')
     env.start()
     try:

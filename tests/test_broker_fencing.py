@@ -66,7 +66,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 
 def launch(target: HostTarget) -> str:
     """Start a real kernel on the host (default runtime root there); return its id."""
-    request = make_request(Path("unused"), runtime_root=None)
+    request = make_request(
+        Path("unused"), runtime_root=None, host_name=target.name, slot_id=f"{target.name}/0"
+    )
     with connect(target) as conn:
         remote.launch(conn, target, request)
     return request.kernel_id

@@ -76,7 +76,7 @@ def control(kc: BlockingKernelClient, msg_type: str, content: dict, timeout: flo
 
 
 def rdir_of(req: LaunchRequest) -> Path:
-    return Path(req.runtime_root or "") / req.kernel_id
+    return Path(req.runtime_root or "") / req.host_name / req.kernel_id
 
 
 def exited(conn: HostConnection, req: LaunchRequest, timeout: float = 15) -> int | None:
@@ -113,14 +113,14 @@ def test_usage_request_and_gpu_magic(launch: Launch) -> None:
         }
         shared = usage["shared_gpu"]
         assert (shared["host"], shared["slot"], shared["busy"]) == (
-            "gpu-test-1",
+            req.host_name,
             req.slot_id,
             False,
         )
         assert abs(shared["last_activity"] - time.time()) < 60
 
         _, out = run_code(kc, "%gpu")
-        assert f"slot {req.slot_id} on host gpu-test-1" in out and f"device:     {GPU}" in out
+        assert f"slot {req.slot_id} on host {req.host_name}" in out and f"device:     {GPU}" in out
         for line in ("lease age:  unknown", "suspend:    unknown", "queue:      unknown"):
             assert line in out
         assert "quota:      unknown" in out
@@ -135,7 +135,7 @@ def test_usage_request_and_gpu_magic(launch: Launch) -> None:
             "resets in 59m" in out
         )
         _, out = run_code(kc, "%gpu resume")
-        assert out.strip() == f"already running on gpu-test-1/{req.slot_id}"
+        assert out.strip() == f"already running on {req.host_name}/{req.slot_id}"
         _, out = run_code(kc, "%gpu nonsense")
         assert "usage: %gpu" in out
         usage = control(kc, "usage_request", {})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -30,8 +31,9 @@ def make_request(root: Path, **kw: object) -> LaunchRequest:
         kernel_id="kern-" + uuid.uuid4().hex[:12],
         key=KEY,
         cuda_visible_devices="MIG-1234-abcd",
-        host_name="gpu-test-1",
-        slot_id="gpu-test-1/0",
+        host_name=LOCAL.name,
+        slot_id=f"{LOCAL.name}/0",
+        owner="tester",
         env={"SHARED_GPU_TEST": "yes"},
         runtime_root=str(root),
     )
@@ -138,7 +140,7 @@ def test_protocol_round_trip_and_strictness() -> None:
 def test_kernel_runs_with_slot_env_on_loopback_only(launch: Launch) -> None:
     req, reply = launch()
     assert reply.ok and reply.protocol == PROTOCOL_VERSION and reply.hostname
-    rdir = Path(req.runtime_root or "") / req.kernel_id
+    rdir = Path(req.runtime_root or "") / req.host_name / req.kernel_id
     assert stat.S_IMODE(rdir.stat().st_mode) & 0o777 == 0o700
     conn_file = rdir / "connection.json"
     assert stat.S_IMODE(conn_file.stat().st_mode) == 0o600
@@ -159,7 +161,7 @@ def test_kernel_runs_with_slot_env_on_loopback_only(launch: Launch) -> None:
             " 'SHARED_GPU_KERNEL_ID', 'SHARED_GPU_TEST'): print(os.environ.get(v))",
         )
         assert content["status"] == "ok"
-        assert out.split() == ["MIG-1234-abcd", "gpu-test-1", "gpu-test-1/0", req.kernel_id, "yes"]
+        assert out.split() == ["MIG-1234-abcd", LOCAL.name, f"{LOCAL.name}/0", req.kernel_id, "yes"]
         assert os.getpgid(reply.pid) == reply.pid  # own session and process group
     finally:
         kc.stop_channels()
@@ -182,7 +184,7 @@ def test_ctl_signal_status_kill_and_cleanup(launch: Launch, conn: HostConnection
     finally:
         kc.stop_channels()
     assert remote.kill(conn, LOCAL, kid, root) == KernelStatus(alive=False, exit_code=143)
-    rdir = Path(root or "") / kid
+    rdir = Path(root or "") / req.host_name / kid
     assert rdir.exists()
     assert remote.cleanup(conn, LOCAL, kid, root) == KernelStatus(alive=False, exit_code=143)
     assert not rdir.exists()
@@ -203,7 +205,8 @@ def test_ctl_never_touches_a_process_that_is_not_the_kernel(launch: Launch, conn
     remote.kill(conn, LOCAL, req.kernel_id, req.runtime_root)
     sleeper = subprocess.Popen(["sleep", "30"])
     try:  # the pid file now names a live process that is not this kernel (pid reuse)
-        (Path(req.runtime_root or "") / req.kernel_id / "kernel.pid").write_text(str(sleeper.pid))
+        rdir = Path(req.runtime_root or "") / req.host_name / req.kernel_id
+        (rdir / "kernel.pid").write_text(str(sleeper.pid))
         assert not remote.status(conn, LOCAL, req.kernel_id, req.runtime_root).alive
         remote.cleanup(conn, LOCAL, req.kernel_id, req.runtime_root)
         assert sleeper.poll() is None
@@ -236,9 +239,11 @@ def test_protocol_mismatch_names_both_versions_and_the_fix(launch: Launch) -> No
     ("line", "words"),
     [
         ("not json", "not valid JSON"),
-        ('{"protocol": 1}', "missing field 'kernel_id'"),
+        (f'{{"protocol": {PROTOCOL_VERSION}}}', "missing field 'kernel_id'"),
         ("BASE kernel_id=../../etc", "invalid kernel_id '../../etc'"),
         ("BASE kernel_id=a/b", "invalid kernel_id 'a/b'"),
+        ("BASE host_name=../x", "invalid host name '../x'"),
+        ("BASE owner=-rf", "invalid user name '-rf'"),
         ("BASE env=[1]", "'env' must be dict"),
         ("BASE key=", "'key' must be a non-empty"),
         ("BASE protocol=true", "'protocol' must be int"),
@@ -271,29 +276,21 @@ def test_missing_install_on_the_host_says_how_to_fix_it(conn: HostConnection, tm
     fake.write_text("#!/bin/sh\necho '/usr/bin/python3: No module named gpu_kernel' >&2\nexit 1\n")
     fake.chmod(0o755)
     for python in (str(tmp_path / "nonexistent"), str(fake)):
+        host = dataclasses.replace(LOCAL, python=python)
         with pytest.raises(LaunchError) as info:
-            remote.launch(conn, python, make_request(tmp_path))
+            remote.launch(conn, host, make_request(tmp_path))
         assert "install jupyter-shared-gpu on the host" in info.value.hint
         assert "`python`" in info.value.hint
         with pytest.raises(LaunchError, match="cannot run"):
-            remote.status(conn, python, "k1")
+            remote.status(conn, host, "k1")
 
 
 def test_ctl_rejects_bad_kernel_ids_and_signals(conn: HostConnection, tmp_path: Path) -> None:
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gpu_kernel",
-            "ctl",
-            "..",
-            "status",
-            "--runtime-root",
-            str(tmp_path),
-        ],
-        capture_output=True,
-    )
-    assert p.returncode == 1 and json.loads(p.stdout)["code"] == "bad_request"
+    for kernel_id, host in (("..", "h1"), ("k1", ".."), ("k1", "a/b")):
+        argv = ["ctl", kernel_id, "status", "--host", host, "--runtime-root", str(tmp_path)]
+        p = subprocess.run([sys.executable, "-m", "gpu_kernel", *argv], capture_output=True)
+        assert p.returncode == 1 and json.loads(p.stdout)["code"] == "bad_request"
+    assert not any(tmp_path.iterdir())
     with pytest.raises(KernelControlError, match="invalid signal number"):
         remote.signal(conn, LOCAL, "k1", 999, str(tmp_path))
     with pytest.raises(BadRequest):

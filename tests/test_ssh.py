@@ -78,7 +78,7 @@ def test_run_commands(target: HostTarget, nothing_left_behind: None) -> None:
 def test_kernel_over_ssh_tunnel_survives_the_connection(
     target: HostTarget, tmp_path: Path, nothing_left_behind: None
 ) -> None:
-    req = make_request(tmp_path / "rt")
+    req = make_request(tmp_path / "rt", host_name=target.name, slot_id=f"{target.name}/0")
     conn = connect(target)
     try:
         reply = remote.launch(conn, target, req)
@@ -87,7 +87,7 @@ def test_kernel_over_ssh_tunnel_survives_the_connection(
         kc = client_for(reply, local)
         try:
             content, out = run_code(kc, "x = 41\nimport os; print(os.environ['SHARED_GPU_HOST'])")
-            assert content["status"] == "ok" and out == "gpu-test-1\n"
+            assert content["status"] == "ok" and out == f"{target.name}\n"
             tunnel = round_trips(kc)
             content, out = run_code(kc, "print('y' * 3_000_000)")  # bulk output through it
             assert len(out) == 3_000_001

@@ -261,7 +261,7 @@ def test_a_kernel_whose_jupyter_server_vanished_saves_itself_and_frees_its_slot(
     saved = [
         path
         for host in idle_pool.hosts
-        for path in host.runtime_root.glob(f"{km.kernel_id}/checkpoint/manifest.json")
+        for path in host.runtime_root.glob(f"{host.name}/{km.kernel_id}/checkpoint/manifest.json")
     ]
     assert saved, "the orphaned kernel did not save its state"
     deadline = time.monotonic() + 60

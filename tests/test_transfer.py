@@ -62,9 +62,10 @@ def test_copy_between_hosts_and_load_there(
     from gpu_kernel.checkpoint import load_namespace
 
     conn_a, conn_b, root_a, root_b = two_hosts
+    root_a, root_b = root_a / conn_a.target.name, root_b / conn_b.target.name  # per-host dirs
     kid = "kern-" + uuid.uuid4().hex[:12]
     ns = make_checkpoint(root_a / kid)
-    py_a, py_b = conn_a.target.python, conn_b.target.python
+    py_a, py_b = conn_a.target, conn_b.target
     copied = copy_checkpoint(conn_a, py_a, conn_b, py_b, kid)
     src_files = [p for p in (root_a / kid / "checkpoint").rglob("*") if p.is_file()]
     assert copied == sum(p.stat().st_size for p in src_files) > 3 << 20

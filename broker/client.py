@@ -16,6 +16,7 @@ whose ``str()`` is fit to show a user. One client is not thread-safe: give each 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -220,6 +221,14 @@ class BrokerClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def abort(self) -> None:
+        """From another thread: break the call under way (its socket is shut down), which then
+        raises ``BrokerUnreachable``; the next call connects again."""
+        sock = getattr(self._conn, "sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def __enter__(self) -> BrokerClient:
         return self

@@ -3,6 +3,7 @@
 python -m gpu_kernel launch                       # LaunchRequest line on stdin
 python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N --host NAME [--runtime-root DIR]
 python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint --host NAME   # tar stream
+python -m gpu_kernel ctl KERNEL_ID watch --host NAME   # a status line a second until it ends
 python -m gpu_kernel probe                        # GPUs and MIG devices (NVML), one JSON line
 python -m gpu_kernel kernel -f CONNFILE           # the kernel itself (the launcher runs it)
 """
@@ -25,7 +26,15 @@ def _parser() -> argparse.ArgumentParser:
     ctl.add_argument("kernel_id")
     ctl.add_argument(
         "action",
-        choices=["status", "signal", "kill", "cleanup", "export-checkpoint", "import-checkpoint"],
+        choices=[
+            "status",
+            "signal",
+            "kill",
+            "cleanup",
+            "watch",
+            "export-checkpoint",
+            "import-checkpoint",
+        ],
     )
     ctl.add_argument("signum", nargs="?", type=int, help="signal number (for `signal`)")
     ctl.add_argument(
@@ -62,9 +71,18 @@ def main(argv: list[str] | None = None) -> int:
         return _checkpoint_stream(args.kernel_id, args.action, args.runtime_root, args.host)
 
     if args.command == "launch":
-        reply, status = launcher.launch_main(sys.stdin.buffer.readline(1 << 20))
+        reply, status, started = launcher.launch_main(sys.stdin.buffer.readline(1 << 20))
         print(reply.to_json(), flush=True)
+        if started is not None and started.watch:
+            return launcher.watch(started.rdir, sys.stdout.buffer, started.proc)
         return status
+    if args.action == "watch":
+        try:
+            rdir = launcher.runtime_dir(args.runtime_root, args.host, args.kernel_id)
+        except BadRequest as e:
+            print(LaunchReply.failure(e.code, e.message, e.hint).to_json(), flush=True)
+            return 1
+        return launcher.watch(rdir, sys.stdout.buffer)
     try:
         if args.action == "signal" and args.signum is None:
             raise BadRequest("`signal` needs a signal number", "e.g. `ctl KERNEL_ID signal 2`")

@@ -12,13 +12,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from gpu_kernel import __version__
 from gpu_kernel.errors import BadRequest
@@ -36,6 +39,7 @@ DEFAULT_RUNTIME_ROOT = "~/.local/share/jupyter-shared-gpu/kernels"
 START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.02
 KILL_GRACE = 3.0
+WATCH_INTERVAL = 1.0  # s between the watch's "still alive" lines
 LAUNCH_RECORD = "launch.json"  # who the kernel belongs to: kernel_id, owner, host_name, slot, pid
 # Variables that would tie the kernel to a process on this side (ipykernel's parent poller).
 _DROP_ENV = ("JPY_PARENT_PID", "JPY_INTERRUPT_EVENT")
@@ -62,8 +66,17 @@ def runtime_dir(root: str | None, host_name: str, kernel_id: str) -> Path:
 # -- launch ------------------------------------------------------------------------------------
 
 
-def launch_main(stdin_line: bytes) -> tuple[LaunchReply, int]:
-    """Handle one request line; returns the reply and the launcher's exit status."""
+@dataclass
+class Started:
+    """A kernel this launcher just started (for ``watch`` when the request asked for it)."""
+
+    rdir: Path
+    proc: subprocess.Popen
+    watch: bool
+
+
+def launch_main(stdin_line: bytes) -> tuple[LaunchReply, int, Started | None]:
+    """Handle one request line; returns the reply, the launcher's exit status and the kernel."""
     try:
         raw = json.loads(stdin_line)
     except ValueError:
@@ -77,14 +90,15 @@ def launch_main(stdin_line: bytes) -> tuple[LaunchReply, int]:
             f"{PROTOCOL_VERSION}",
             "install the same jupyter-shared-gpu version on the host as on the Jupyter server "
             f"(e.g. `{sys.executable} -m pip install jupyter-shared-gpu==<server's version>`)",
-        ), 1
+        ), 1, None
     try:
         request = LaunchRequest.from_json(stdin_line)
-        return start_kernel(request), 0
+        reply, started = start_kernel(request)
+        return reply, 0, started
     except BadRequest as e:
-        return LaunchReply.failure("bad_request", e.message, e.hint), 1
+        return LaunchReply.failure("bad_request", e.message, e.hint), 1, None
     except StartFailed as e:
-        return LaunchReply.failure("start_failed", e.message, e.hint), 1
+        return LaunchReply.failure("start_failed", e.message, e.hint), 1, None
 
 
 class StartFailed(Exception):
@@ -118,7 +132,7 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def start_kernel(req: LaunchRequest) -> LaunchReply:
+def start_kernel(req: LaunchRequest) -> tuple[LaunchReply, Started]:
     """Start the kernel for ``req`` and wait until it accepts on its shell port."""
     rdir = runtime_dir(req.runtime_root, req.host_name, req.kernel_id)
     _prepare_dir(rdir)
@@ -171,7 +185,8 @@ def start_kernel(req: LaunchRequest) -> LaunchReply:
             )
         ports = _bound_ports(conn_file)
         if ports and _accepts(ports["shell"]):
-            return LaunchReply.success(proc.pid, ports, socket.gethostname(), __version__)
+            reply = LaunchReply.success(proc.pid, ports, socket.gethostname(), __version__)
+            return reply, Started(rdir, proc, req.watch)
         time.sleep(POLL_INTERVAL)
     _kill_group(proc.pid)
     raise StartFailed(
@@ -297,6 +312,58 @@ def launch_record(rdir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def watch(
+    rdir: Path,
+    out: IO[bytes],
+    proc: subprocess.Popen | None = None,
+    interval: float = WATCH_INTERVAL,
+) -> int:
+    """Write a ``KernelStatus`` line to ``out`` every ``interval`` s while the kernel in ``rdir``
+    runs, and a last one when it has ended (with its exit code); return 0. Stops early, quietly,
+    when ``out`` is closed (the SSH channel went away: the kernel runs on).
+
+    The caller on the other end of the channel (the provisioner's host link) learns of the
+    kernel's end at once, and of a dead connection when the lines stop coming. ``proc`` is the
+    kernel when this process started it (``launch`` with ``watch``): waiting on it gives the
+    exit status even after a SIGKILL; otherwise a pidfd (or /proc) tells when it ends."""
+    alive_line = KernelStatus(alive=True).to_json().encode() + b"\n"
+    pid = proc.pid if proc is not None else _owned_pid(rdir)
+    pidfd = None
+    if proc is None and pid is not None and hasattr(os, "pidfd_open"):
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(pid)
+    try:
+        while pid is not None:
+            try:
+                out.write(alive_line)
+                out.flush()
+            except (OSError, ValueError):
+                return 0
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(interval)
+                if proc.returncode is not None:
+                    break
+            elif pidfd is not None:
+                if select.select([pidfd], [], [], interval)[0]:
+                    break
+            else:
+                time.sleep(interval)
+                if _owned_pid(rdir) is None:
+                    break
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    status = kernel_status(rdir)
+    if status.exit_code is None and proc is not None and proc.returncode is not None:
+        code = proc.returncode  # killed before it could write exit_code: -N is signal N
+        status = KernelStatus(alive=False, exit_code=128 - code if code < 0 else code)
+    with contextlib.suppress(OSError, ValueError):
+        out.write(status.to_json().encode() + b"\n")
+        out.flush()
+    return 0
 
 
 def ctl_main(

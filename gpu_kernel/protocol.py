@@ -118,6 +118,9 @@ class LaunchRequest:
     signature_scheme: str = "hmac-sha256"
     env: dict[str, str] = field(default_factory=dict)
     runtime_root: str | None = None
+    # True: after its reply the launcher stays and watches the kernel (``launcher.watch``): a
+    # status line a second while it runs, a last one with its exit code when it ends.
+    watch: bool = False
     protocol: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
@@ -154,6 +157,7 @@ class LaunchRequest:
             signature_scheme=scheme,
             env=_str_map(_get(d, "env", dict, what, {}), what),
             runtime_root=_get(d, "runtime_root", (str, type(None)), what, None),
+            watch=_get(d, "watch", bool, what, False),
             owner=owner,
             **strs,
         )

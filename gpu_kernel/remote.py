@@ -9,6 +9,7 @@ never on its command line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal as _signal
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from gpu_kernel.protocol import (
 )
 
 if TYPE_CHECKING:
-    from gpu_kernel.ssh import CommandResult, HostConnection, HostTarget
+    from gpu_kernel.ssh import CommandResult, CommandStream, HostConnection, HostTarget
 
 LAUNCH_TIMEOUT = 60.0  # the launcher itself gives up on a kernel after 30 s
 CTL_TIMEOUT = 30.0
@@ -70,6 +71,15 @@ def launch(conn: HostConnection, target: HostTarget, request: LaunchRequest) -> 
         stdin=request.to_json().encode() + b"\n",
         timeout=LAUNCH_TIMEOUT,
     )
+    reply = _check_reply(conn, python, request, res)
+    _check_protocol(conn, python, request, reply)
+    return reply
+
+
+def _check_reply(
+    conn: HostConnection, python: str, request: LaunchRequest, res: CommandResult
+) -> LaunchReply:
+    """The launcher's ``ok`` reply in ``res``, or the LaunchError that says what went wrong."""
     missing = _missing_install(res, python, conn)
     if missing:
         raise missing
@@ -85,13 +95,59 @@ def launch(conn: HostConnection, target: HostTarget, request: LaunchRequest) -> 
     if not reply.ok:
         cls = ProtocolMismatch if reply.code == "protocol" else LaunchError
         raise cls(f"launch on {_where(conn)} failed ({reply.code}): {reply.error}", reply.hint)
+    return reply
+
+
+def _check_protocol(
+    conn: HostConnection, python: str, request: LaunchRequest, reply: LaunchReply
+) -> None:
     if reply.protocol != request.protocol:
         raise ProtocolMismatch(
             f"{_where(conn)} answered with launch protocol {reply.protocol}, "
             f"this side speaks {request.protocol}",
             INSTALL_HINT.format(python=python),
         )
-    return reply
+
+
+def launch_watched(
+    conn: HostConnection, target: HostTarget, request: LaunchRequest
+) -> tuple[LaunchReply, CommandStream]:
+    """Start a kernel and keep the launcher's channel open as its watch: after the reply, the
+    stream's stdout carries a ``KernelStatus`` line a second while the kernel runs and a last one
+    with its exit code (``launcher.watch``). Raises as ``launch`` does; the caller closes the
+    stream (the kernel runs on)."""
+    python = _python(target)
+    request = dataclasses.replace(request, watch=True)
+    stream = conn.open_stream([python, "-m", "gpu_kernel", "launch"], timeout=LAUNCH_TIMEOUT)
+    try:
+        stream.stdin.write(request.to_json().encode() + b"\n")
+        stream.stdin.flush()
+        stream.close_stdin()
+        line = stream.stdout.readline(1 << 20)
+        try:
+            reply = LaunchReply.from_json(line)
+        except BadRequest:
+            reply = None
+        if reply is None or not reply.ok:
+            from gpu_kernel.ssh import CommandResult  # paramiko only where a caller needs it
+
+            rest = stream.stdout.read()
+            res = stream.wait(CTL_TIMEOUT)
+            res = CommandResult(res.returncode, line + rest, res.stderr)
+            _check_reply(conn, python, request, res)  # raises: no valid or no ok reply
+        assert reply is not None
+        _check_protocol(conn, python, request, reply)
+    except BaseException:
+        stream.close()
+        raise
+    return reply, stream
+
+
+def watch(conn: HostConnection, target: HostTarget, kernel_id: str) -> CommandStream:
+    """``ctl watch``: the watch stream of a kernel already running (after a reconnect)."""
+    argv = [_python(target), "-m", "gpu_kernel", "ctl", check_kernel_id(kernel_id), "watch"]
+    argv += ["--host", check_host_name(target.name)]
+    return conn.open_stream(argv, timeout=CTL_TIMEOUT)
 
 
 def _ctl(

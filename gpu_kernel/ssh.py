@@ -24,6 +24,7 @@ from typing import IO
 
 import paramiko
 
+from gpu_kernel.cancel import NEVER, CancelToken
 from gpu_kernel.errors import (
     CommandTimeout,
     HostKeyError,
@@ -90,9 +91,11 @@ class CommandStream:
         wait: Callable[[float], int],
         close: Callable[[], None],
         read_stderr: Callable[[], bytes],
+        set_timeout: Callable[[float], None] | None = None,
     ) -> None:
         self.stdin, self.stdout = stdin, stdout
         self._close_stdin, self._wait, self._close = close_stdin, wait, close
+        self._set_timeout = set_timeout
         self._stderr = bytearray()
         self._stderr_thread = threading.Thread(target=self._drain, args=(read_stderr,), daemon=True)
         self._stderr_thread.start()
@@ -108,6 +111,12 @@ class CommandStream:
     def close_stdin(self) -> None:
         """Send EOF to the command."""
         self._close_stdin()
+
+    def set_read_timeout(self, seconds: float) -> None:
+        """From now on a read of ``stdout`` that waits ``seconds`` raises ``TimeoutError`` (over
+        SSH; a local command's pipe has no timeout, and a local host never drops off the net)."""
+        if self._set_timeout is not None:
+            self._set_timeout(seconds)
 
     def wait(self, timeout: float = 30) -> CommandResult:
         """Wait for the exit; ``stdout`` of the result is empty (it was read as a stream)."""
@@ -141,6 +150,10 @@ class HostConnection:
         """A 127.0.0.1 port here that reaches 127.0.0.1:``remote_port`` on the host."""
         raise NotImplementedError
 
+    def unforward(self, local_port: int) -> None:
+        """Stop forwarding ``local_port`` (from ``forward``) and close its connections."""
+        raise NotImplementedError
+
     def is_alive(self) -> bool:
         raise NotImplementedError
 
@@ -154,9 +167,10 @@ class HostConnection:
         self.close()
 
 
-def connect(target: HostTarget) -> HostConnection:
-    """Open a connection to ``target``; raises HostUnreachable, HostKeyError or SSHAuthError."""
-    return LocalConnection(target) if target.is_local else SSHConnection(target)
+def connect(target: HostTarget, cancel: CancelToken = NEVER) -> HostConnection:
+    """Open a connection to ``target``; raises HostUnreachable, HostKeyError or SSHAuthError,
+    or ``Cancelled`` as soon as ``cancel`` is cancelled during the TCP or SSH handshake."""
+    return LocalConnection(target) if target.is_local else SSHConnection(target, cancel)
 
 
 class LocalConnection(HostConnection):
@@ -204,6 +218,9 @@ class LocalConnection(HostConnection):
 
     def forward(self, remote_port: int) -> int:
         return remote_port
+
+    def unforward(self, local_port: int) -> None:
+        pass  # nothing listens here on the kernel's behalf
 
     def is_alive(self) -> bool:
         return True
@@ -261,11 +278,24 @@ def _load_key(target: HostTarget) -> paramiko.PKey:
 class SSHConnection(HostConnection):
     """One paramiko Transport to a host; all forwards share it and one pump thread."""
 
-    def __init__(self, target: HostTarget) -> None:
+    def __init__(self, target: HostTarget, cancel: CancelToken = NEVER) -> None:
         self.target = target
         self._lock = threading.Lock()
         self._closed = False
         self._pump: ForwardPump | None = None
+        self._sock: socket.socket | None = None
+        with cancel.hook(self._abort_handshake):
+            self._handshake()
+        self._transport.set_keepalive(15)
+
+    def _abort_handshake(self) -> None:
+        """Break a connect or handshake under way (from another thread): close its socket."""
+        sock = self._sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def _handshake(self) -> None:
         self._transport = self._open_transport()
         try:
             self._check_host_key()
@@ -273,7 +303,7 @@ class SSHConnection(HostConnection):
             # sshd sets TCP_NODELAY on its side only once a session with a pty runs a command;
             # without it small ZMQ replies stall on Nagle + delayed ACK (~48 ms vs ~8 ms).
             try:
-                self._pty = self._transport.open_session(timeout=target.connect_timeout)
+                self._pty = self._transport.open_session(timeout=self.target.connect_timeout)
                 self._pty.get_pty()
                 self._pty.exec_command("cat")
             except (paramiko.SSHException, OSError, EOFError) as e:
@@ -281,12 +311,28 @@ class SSHConnection(HostConnection):
         except BaseException:
             self._transport.close()
             raise
-        self._transport.set_keepalive(15)
+
+    def _tcp_connect(self) -> socket.socket:
+        """``socket.create_connection``, keeping each socket where ``_abort_handshake`` sees it."""
+        t = self.target
+        error: OSError | None = None
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            t.address, t.port, type=socket.SOCK_STREAM
+        ):
+            sock = self._sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(t.connect_timeout)
+                sock.connect(addr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error or OSError(f"no address for {t.address}")
 
     def _open_transport(self) -> paramiko.Transport:
         t = self.target
         try:
-            sock = socket.create_connection((t.address, t.port), timeout=t.connect_timeout)
+            sock = self._tcp_connect()
         except socket.gaierror as e:
             raise HostUnreachable(
                 f"cannot resolve host {t.name} ({t.address}): {e}", "check its address"
@@ -421,6 +467,7 @@ class SSHConnection(HostConnection):
             wait,
             chan.close,
             read_stderr,
+            chan.settimeout,
         )
 
     def _lost(self, e: BaseException) -> HostUnreachable:
@@ -438,8 +485,23 @@ class SSHConnection(HostConnection):
                 self._pump = ForwardPump(self._transport, self.target.name)
             return self._pump.listen(remote_port)
 
+    def unforward(self, local_port: int) -> None:
+        with self._lock:
+            pump = self._pump
+        if pump is not None:
+            pump.unlisten(local_port)
+
+    @property
+    def listening(self) -> list[int]:
+        """Local ports this connection forwards now."""
+        pump = self._pump
+        return pump.listening if pump is not None else []
+
     def is_alive(self) -> bool:
-        return not self._closed and self._transport.is_active()
+        """The transport is up and, once a forward exists, its pump thread still runs."""
+        pump = self._pump
+        alive = not self._closed and self._transport.is_active()
+        return alive and (pump is None or pump.alive)
 
     def close(self) -> None:
         with self._lock:

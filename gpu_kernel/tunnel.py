@@ -26,8 +26,9 @@ OPEN_TIMEOUT = 10.0
 class _Pipe:
     """One forwarded TCP connection: a local socket and its SSH channel."""
 
-    def __init__(self, sock: socket.socket, chan: Any) -> None:
+    def __init__(self, sock: socket.socket, chan: Any, local_port: int) -> None:
         self.sock, self.chan = sock, chan
+        self.local_port = local_port  # the listener it came from
         sock.setblocking(False)
         chan.settimeout(0.0)
         self.to_sock = bytearray()
@@ -96,6 +97,7 @@ class ForwardPump:
         self._transport = transport
         self._lock = threading.Lock()
         self._listeners: dict[socket.socket, int] = {}
+        self._closing: set[int] = set()  # local ports whose listener and pipes go away
         self._pipes: list[_Pipe] = []
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
@@ -110,6 +112,12 @@ class ForwardPump:
         """How many forwarded connections are open now."""
         return len(self._pipes)
 
+    @property
+    def listening(self) -> list[int]:
+        """The local ports listened on now (``unlisten`` takes effect at the pump's next turn)."""
+        with self._lock:
+            return sorted(s.getsockname()[1] for s in self._listeners)
+
     def listen(self, remote_port: int) -> int:
         """Listen on 127.0.0.1:0 for ``remote_port``; returns the local port."""
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -120,6 +128,18 @@ class ForwardPump:
             self._listeners[s] = remote_port
         self._wake()
         return s.getsockname()[1]
+
+    @property
+    def alive(self) -> bool:
+        """False once the thread has stopped (asked to, or by an unexpected error)."""
+        return self._thread.is_alive()
+
+    def unlisten(self, local_port: int) -> None:
+        """Stop listening on ``local_port`` and close the connections accepted there (the
+        kernel behind it is gone or replaced): the port no longer reaches the host."""
+        with self._lock:
+            self._closing.add(local_port)  # the pump's thread closes it (it may be selecting)
+        self._wake()
 
     def stop(self) -> None:
         """Ask the thread to close every listener and forwarded connection; idempotent."""
@@ -153,7 +173,16 @@ class ForwardPump:
 
     def _once(self) -> None:
         with self._lock:
+            closing, self._closing = self._closing, set()
+            for sock in [s for s, _ in self._listeners.items() if s.getsockname()[1] in closing]:
+                del self._listeners[sock]
+                sock.close()
             listeners = dict(self._listeners)
+        if closing:
+            for p in self._pipes:
+                if p.local_port in closing:
+                    p.close()
+            self._pipes = [p for p in self._pipes if not p.done]
         rlist: list[Any] = [self._wake_r, *listeners]
         wlist: list[Any] = []
         chan_pending = False
@@ -180,6 +209,7 @@ class ForwardPump:
         self._pipes = [p for p in self._pipes if not p.done]
 
     def _accept(self, listener: socket.socket, remote_port: int) -> None:
+        local_port = listener.getsockname()[1]
         while True:
             try:
                 conn, peer = listener.accept()
@@ -197,4 +227,4 @@ class ForwardPump:
                 log.info("cannot open a tunnel to port %d on the host: %s", remote_port, e)
                 conn.close()
                 continue
-            self._pipes.append(_Pipe(conn, chan))
+            self._pipes.append(_Pipe(conn, chan, local_port))

@@ -84,6 +84,19 @@ def _parser() -> argparse.ArgumentParser:
         'state and exits, freeing its GPU (default: "120s")',
     )
     inst.add_argument(
+        "--attach",
+        choices=["lazy", "eager"],
+        default="lazy",
+        help="lazy: a new kernel holds no GPU until its first cell runs (opening a notebook "
+        "takes none); eager: take the GPU when the kernel starts (default: lazy)",
+    )
+    inst.add_argument(
+        "--link-timeout",
+        default="10s",
+        help="no word from the GPU host for this long means the SSH connection is lost: "
+        'reconnect (default: "10s")',
+    )
+    inst.add_argument(
         "--ssh-key-file", help="SSH key to use instead of the one the broker's config names"
     )
     inst.add_argument(
@@ -109,6 +122,8 @@ def _config_from(args: argparse.Namespace) -> dict:
         "lease_timeout": args.lease_timeout,
         "launch_timeout": args.launch_timeout,
         "orphan_grace": args.orphan_grace,
+        "attach": args.attach,
+        "link_timeout": args.link_timeout,
     }
     if args.ssh_key_file:
         config["ssh_key_file"] = args.ssh_key_file

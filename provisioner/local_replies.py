@@ -1,9 +1,10 @@
-"""What the session proxy answers itself while its kernel is suspended (pure).
+"""What the session proxy answers itself while no kernel process exists (pure).
 
-``SessionProxy`` calls ``local_reply`` for each request that arrives while no kernel process
-exists. Only an ``execute_request`` resumes the kernel (a notebook opened or a tab pressed takes
-no GPU); ``kernel_info`` comes from the last real reply; completion, inspection and friends get
-empty but valid answers so the UI never hangs; anything else waits for the resume.
+``provisioner.stand_in.StandIn`` calls ``local_reply`` for each request that arrives while the
+kernel has no process (not started yet, or suspended). Only an ``execute_request`` wakes the
+session (a notebook opened or a tab pressed takes no GPU); ``kernel_info`` comes from the last real
+reply; completion, inspection and friends get empty but valid answers so the UI never hangs;
+anything else waits for the kernel.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def default_kernel_info() -> dict[str, Any]:
             "codemirror_mode": {"name": "ipython", "version": sys.version_info[0]},
             "nbconvert_exporter": "python",
         },
-        "banner": "Shared GPU kernel (suspended: the next cell resumes it)",
+        "banner": "Shared GPU kernel (no GPU held until a cell runs)",
         "help_links": [],
     }
 
@@ -67,12 +68,14 @@ def local_reply(msg_type: str, content: dict[str, Any]) -> tuple[str, dict[str, 
     return None
 
 
-def resume_failed_reply(text: str) -> dict[str, Any]:
-    """execute_reply content for a cell whose kernel could not be resumed."""
+def error_reply(text: str, ename: str = "ResumeFailed") -> dict[str, Any]:
+    """execute_reply content for a cell the proxy ends itself: the kernel could not be started
+    (``StartFailed``) or resumed (``ResumeFailed``), the wait was interrupted
+    (``KeyboardInterrupt``), or the connection dropped while it ran (``ConnectionLost``)."""
     return {
         "status": "error",
-        "ename": "ResumeFailed",
+        "ename": ename,
         "evalue": text,
-        "traceback": [f"Shared GPU: the kernel could not be resumed: {text}"],
+        "traceback": [f"Shared GPU: {text}"],
         "execution_count": None,
     }

@@ -3,15 +3,19 @@
 jupyter_client's ``KernelManager`` calls these hooks (see its ``provisioning/provisioner_base.py``):
 ``pre_launch`` -> ``launch_kernel`` -> ``post_launch`` on start; ``poll`` from the restarter every
 few seconds; ``send_signal`` for interrupts; ``shutdown_requested`` ->
-``wait``/``terminate``/``kill`` -> ``cleanup`` on shutdown and restart. A ``KernelSession`` does
-the work in worker threads; this class adapts it and logs our errors as one clear line.
+``wait``/``terminate``/``kill`` -> ``cleanup`` on shutdown and restart. A ``KernelSession``
+(``provisioner.session``) does the work; this class adapts it, runs its blocking calls off the
+event loop, and logs our errors as one clear line.
+
+With lazy attach (the default) a start takes no lease and contacts no host: the session proxy
+stands in until the first cell, which takes the slot. ``attach = "eager"`` in the kernelspec's
+provisioner config takes it at start, as Jupyter's other provisioners do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -19,7 +23,8 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 from broker.client import BrokerClient, read_token
 from gpu_kernel.errors import SharedGPUError
-from provisioner.kernel_session import KernelSession
+from provisioner.session import KernelSession
+from provisioner.session_state import Phase
 from provisioner.settings import ProvisionerSettings
 
 # Variables of the Jupyter server's environment that the remote kernel gets; the rest (which may
@@ -45,7 +50,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     @property
     def has_process(self) -> bool:
         session = self.session
-        return session is not None and (session.kernel is not None or session.suspended is not None)
+        return session is not None and session.phase is not Phase.CLOSED
 
     # ---- start -------------------------------------------------------------------------------
 
@@ -53,6 +58,18 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         stanza = (self.kernel_spec.metadata or {}).get("kernel_provisioner", {})
         return ProvisionerSettings.from_config(
             stanza.get("config") or {}, self.kernel_spec.display_name
+        )
+
+    def _new_session(self, proxy_ports: dict[str, int] | None = None) -> KernelSession:
+        settings = self._settings()
+        token, source = read_token(settings.token_env, settings.token_file)
+
+        def make_client() -> BrokerClient:
+            return BrokerClient(settings.broker_url, token, token_source=source)
+
+        make_client().close()  # a bad URL fails here, with the start
+        return KernelSession(
+            self.kernel_id, settings, make_client, self.log.info, proxy_ports=proxy_ports
         )
 
     async def _in_thread(self, func: Any, *args: Any) -> Any:
@@ -64,21 +81,14 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             raise
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
-        """Take a lease (waiting in the broker's queue), or keep the one we hold on a restart."""
+        """Check the kernelspec and the token (no network): a start or restart keeps the
+        session, its lease if it holds one, and its proxy ports."""
         if self.session is None:
-            settings = self._settings()
-            token, source = read_token(settings.token_env, settings.token_file)
-            client = BrokerClient(settings.broker_url, token, token_source=source)
-            self.session = KernelSession(self.kernel_id, settings, client, progress=self.log.info)
-        session = self.session
-        try:
-            await self._in_thread(session.acquire_lease)
-        except asyncio.CancelledError:
-            session.cancel()
-            raise
-        except BaseException:
-            await self._abandon()
-            raise
+            try:
+                self.session = self._new_session()
+            except SharedGPUError as err:
+                self.log.error("Shared GPU kernel %s: %s", self.kernel_id, err)
+                raise
         self._restarting = False
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
@@ -88,18 +98,25 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return {k: v for k, v in env.items() if k in wanted}
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
-        """Start the kernel on the leased host; return the proxy's ports to Jupyter."""
-        assert self.session is not None
+        """Start the kernel (now with eager attach; else at the first cell); return the proxy's
+        ports to Jupyter."""
+        session = self.session
+        assert session is not None
         km = self.parent
         key: bytes = km.session.key
         scheme: str = km.session.signature_scheme
         env = self._kernel_env(kwargs.get("env") or dict(os.environ))
+        eager = session.settings.attach == "eager"
         try:
-            ports = await self._in_thread(self.session.launch, key, scheme, env)
+            ports = await self._in_thread(session.launch, key, scheme, env, eager)
         except BaseException:
             await self._abandon()
             raise
-        self.connection_info = {
+        self.connection_info = self._connection_info(ports, key, scheme)
+        return self.connection_info
+
+    def _connection_info(self, ports: dict[str, int], key: bytes, scheme: str) -> dict[str, Any]:
+        return {
             "transport": "tcp",
             "ip": "127.0.0.1",
             "shell_port": ports["shell"],
@@ -109,9 +126,8 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             "hb_port": ports["hb"],
             "key": key,
             "signature_scheme": scheme,
-            "kernel_name": getattr(km, "kernel_name", ""),
+            "kernel_name": getattr(self.parent, "kernel_name", ""),
         }
-        return self.connection_info
 
     async def _abandon(self) -> None:
         """A start failed: give back the lease and every local resource."""
@@ -122,9 +138,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # ---- process-like hooks ------------------------------------------------------------------
 
     async def poll(self) -> int | None:
-        if self.session is None:
-            return 0
-        return await asyncio.to_thread(self.session.poll)
+        return 0 if self.session is None else self.session.poll()  # no network: never blocks
 
     async def wait(self) -> int | None:
         while (code := await self.poll()) is None:
@@ -137,27 +151,24 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def kill(self, restart: bool = False) -> None:
         if self.session is not None:
-            await self._in_thread(self.session.discard_suspended)  # nothing runs: end it now
             await self._in_thread(self.session.kill)
 
     async def terminate(self, restart: bool = False) -> None:
         if self.session is not None:
-            await self._in_thread(self.session.discard_suspended)
-            await self._in_thread(self.session.signal, int(signal.SIGTERM))
+            await self._in_thread(self.session.kill)
 
     async def shutdown_requested(self, restart: bool = False) -> None:
         # terminate()/kill() never learn about restarts (jupyter_client #1061): remember it here.
         self._restarting = restart
-        if self.session is not None and self.session.suspended is not None:
-            # nothing runs: drop the saved state now, so poll() says "ended" at once
-            await asyncio.to_thread(self.session.discard_suspended)
+        if self.session is not None:
+            self.session.shutdown_requested(restart)
 
     async def cleanup(self, restart: bool = False) -> None:
         """On restart keep the lease, slot and proxy; otherwise release everything."""
         if self.session is None:
             return
         if restart or self._restarting:
-            await asyncio.to_thread(self.session.forget_kernel)
+            await asyncio.to_thread(self.session.prepare_restart)
         else:
             await self._abandon()
 
@@ -180,26 +191,15 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         saved = provisioner_info.get("shared_gpu")
         if not saved:
             return
-        settings = self._settings()
-        token, source = read_token(settings.token_env, settings.token_file)
-        client = BrokerClient(settings.broker_url, token, token_source=source)
-        session = KernelSession(
-            self.kernel_id, settings, client, self.log.info, saved.get("proxy_ports")
-        )
+        session = self._new_session(saved.get("proxy_ports"))
+        key = self.connection_info.get("key") or self.parent.session.key
+        key = key.encode() if isinstance(key, str) else key
+        scheme = self.connection_info.get("signature_scheme") or "hmac-sha256"
         try:
-            await self._in_thread(session.reattach, saved)
+            await self._in_thread(session.reattach, saved, key, scheme)
         except BaseException:
             await asyncio.to_thread(session.close)
             raise
         self.session = session
-        ports = session.proxy.ports
         self.connection_info = dict(self.connection_info)
-        self.connection_info.update(
-            {
-                "shell_port": ports["shell"],
-                "iopub_port": ports["iopub"],
-                "stdin_port": ports["stdin"],
-                "control_port": ports["control"],
-                "hb_port": ports["hb"],
-            }
-        )
+        self.connection_info.update(self._connection_info(session.proxy.ports, key, scheme))

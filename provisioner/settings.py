@@ -60,6 +60,8 @@ class ProvisionerSettings:
     orphan_grace: float = 120.0  # a kernel that hears nothing from us this long saves, exits
     ssh_key_file: str | None = None  # overrides the broker's key_file for this Jupyter server
     known_hosts_file: str | None = None  # overrides the broker's known_hosts
+    attach: str = "lazy"  # "lazy": no lease until the first cell; "eager": at start
+    link_timeout: float = 10.0  # no word from the host this long: the SSH link is lost
 
     @classmethod
     def from_config(
@@ -93,7 +95,15 @@ class ProvisionerSettings:
             problems.append(
                 f"slot_kind {values['slot_kind']!r} may hold only letters, digits, '.', '_', '-'"
             )
-        for key in ("lease_timeout", "launch_timeout", "orphan_grace"):
+        if "attach" in config:
+            if config["attach"] not in ("lazy", "eager"):
+                problems.append(
+                    f'attach must be "lazy" (no GPU until the first cell) or "eager", '
+                    f"got {config['attach']!r}"
+                )
+            else:
+                values["attach"] = config["attach"]
+        for key in ("lease_timeout", "launch_timeout", "orphan_grace", "link_timeout"):
             if key in config:
                 try:
                     values[key] = parse_seconds(config[key], key)

@@ -1,18 +1,20 @@
-"""What the session proxy does while no kernel process exists: stand in for it, then resume.
+"""What the session proxy says itself while no kernel process exists, and to the waiting cell.
 
-``SessionProxy`` inherits this; every method runs in the proxy's thread and uses its sockets,
-queue and state (declared below). Requests are answered, held or turn into a resume according
-to ``local_replies``; progress lines go to the cell that triggered the resume.
+``SessionProxy`` (``provisioner.proxy``) owns one ``Frontend`` (its five bound sockets and the
+signer made from the kernel's key) and one ``StandIn``, and calls them from its own thread only.
+``StandIn.handle`` decides, for one request arriving while the proxy stands in for a kernel that
+has no process (not started yet, or suspended), whether the proxy answers it alone
+(``local_replies``), queues it for the kernel to come, or wakes the session (the first
+``execute_request``). While the session brings a kernel, ``progress`` and ``status_line`` show
+lines in the cell that woke it; ``fail`` answers the waiting cells when that did not work.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import replace
+import uuid
+from collections.abc import Callable, Iterable
+from enum import Enum
 from typing import Any
 
 import zmq
@@ -20,111 +22,154 @@ from jupyter_client.session import Session
 
 from . import local_replies
 from . import messages as m
-from .proxy_state import QUEUED_CHANNELS, Activity, ProxyState
 
 log = logging.getLogger("provisioner.proxy")
 
 
-class StandInMixin:
-    """The suspended half of ``SessionProxy`` (which owns every attribute declared here)."""
+class Frontend:
+    """The proxy's frontend sockets and the signer for messages the proxy writes itself."""
 
-    _state: ProxyState
-    _session: Session | None
-    _front: dict[str, zmq.Socket]
-    _queued: deque[tuple[str, list[bytes]]]
-    _inflight: dict[str, tuple[str, list[bytes]]]
-    _activity: Activity
-    _on_resume: Callable[[], None] | None
-    _resume_parent: dict[str, Any] | None
-    kernel_info_reply: list[bytes] | None
-    kernel_suspended_hook: Callable[[dict[str, Any]], None] | None
-    # and SessionProxy's _close_upstream() and _queue(channel, frames)
+    def __init__(self, sockets: dict[str, zmq.Socket]) -> None:
+        self.sockets = sockets
+        self.signer: Session | None = None  # configure() gives it the kernel's key
 
-    def _do_suspend(self, on_resume: Callable[[], None]) -> None:
-        self._close_upstream()
-        self._state = ProxyState.SUSPENDED
-        self._on_resume = on_resume
-        self._activity = replace(self._activity, attached=False, busy=False, execution_state="idle")
-        # unanswered cells first (the saving kernel dropped them), then what waited here
-        held = deque([*self._inflight.values(), *self._queued])
-        self._inflight.clear()
-        self._queued = deque()
-        for channel, frames in held:  # a cell run while we suspended resumes at once
-            self._stand_in(channel, frames)
+    def configure(self, key: bytes, signature_scheme: str) -> None:
+        self.signer = Session(
+            key=key, signature_scheme=signature_scheme, username="shared-gpu", check_pid=False
+        )
 
-    def _stand_in(self, channel: str, frames: list[bytes]) -> None:
-        """Answer, hold, or resume on one request that arrives while no kernel process exists."""
-        assert self._session is not None
-        if channel not in QUEUED_CHANNELS:
-            return  # stdin: no kernel asked for input
+    def reply(
+        self, channel: str, idents: list[bytes], msg_type: str, content: dict, parent: dict
+    ) -> None:
+        assert self.signer is not None
+        self.signer.send(self.sockets[channel], msg_type, content, parent, ident=idents)
+
+    def publish(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        parent: dict | None,
+        transient: dict | None = None,
+    ) -> None:
+        assert self.signer is not None
+        if transient is not None:
+            content = {**content, "transient": transient}
+        self.signer.send(self.sockets["iopub"], msg_type, content, parent, ident=msg_type.encode())
+
+    def verify(self, frames: list[bytes]) -> tuple[list[bytes], dict[str, Any]]:
+        """(identities, message) of a request, its signature checked; raises when it is bad."""
+        assert self.signer is not None
+        idents, rest = self.signer.feed_identities(frames)
+        return idents, self.signer.deserialize(rest)
+
+
+class Decision(Enum):
+    ANSWERED = "answered"
+    QUEUE = "queue"  # keep it for the kernel to come
+    WAKE = "wake"  # keep it, and wake the session: a cell wants a kernel
+    DROP = "drop"
+
+
+class StandIn:
+    """Answers for a kernel that has no process, and talks to the cell that woke the session."""
+
+    def __init__(self, front: Frontend) -> None:
+        self.front = front
+        self.kernel_info: dict[str, Any] | None = None  # content of the last real reply
+        self.waking: dict[str, Any] | None = None  # the cell that woke the session
+        self._line_id: str | None = None  # display_id of the updatable status line
+
+    def handle(self, channel: str, frames: list[bytes]) -> Decision:
+        """Answer, keep, or wake on one request that arrived while no kernel process exists."""
+        if channel not in ("shell", "control"):
+            return Decision.DROP  # stdin: no kernel asked for input
         try:
-            idents, rest = self._session.feed_identities(frames)
-            msg = self._session.deserialize(rest)
+            idents, msg = self.front.verify(frames)
         except Exception as exc:  # bad signature or not a Jupyter message: drop it
             log.warning("session proxy: dropped a %s message it could not verify: %s", channel, exc)
-            return
+            return Decision.DROP
         msg_type = msg["header"].get("msg_type", "")
-        sock = self._front[channel]
-        if msg_type == "kernel_info_request":
-            self._session.send(sock, "kernel_info_reply", self._kernel_info(), msg, ident=idents)
-            return
-        local = local_replies.local_reply(msg_type, msg.get("content") or {})
-        if local is not None and msg_type != local_replies.RESUMES:
-            self._session.send(sock, local[0], local[1], msg, ident=idents)
-            return
-        self._queue(channel, frames)
         if msg_type == local_replies.RESUMES:
-            self._activity = replace(self._activity, last_activity=time.time())
-            if self._state is ProxyState.SUSPENDED:
-                self._start_resume(msg)
+            return Decision.WAKE
+        if msg_type == "kernel_info_request":
+            local = ("kernel_info_reply", self.kernel_info or local_replies.default_kernel_info())
+        else:
+            local = local_replies.local_reply(msg_type, msg.get("content") or {})
+        if local is None:
+            return Decision.QUEUE
+        # as a kernel does: busy, the reply, idle (clients check IOPub flows this way)
+        self.front.publish("status", {"execution_state": "busy"}, msg)
+        self.front.reply(channel, idents, local[0], local[1], msg)
+        self.front.publish("status", {"execution_state": "idle"}, msg)
+        return Decision.ANSWERED
 
-    def _kernel_info(self) -> dict[str, Any]:
-        content = None
-        if self.kernel_info_reply is not None:
-            content = m.loads(m.signed_frame(self.kernel_info_reply, m.CONTENT))
-        return content or local_replies.default_kernel_info()
+    def begin_wake(self, frames: list[bytes]) -> None:
+        """The cell in ``frames`` woke the session: it shows busy and the progress from now."""
+        header = m.loads(m.signed_frame(frames, m.HEADER)) or {}
+        self.waking = {"header": header}
+        self._line_id = None
+        self.front.publish("status", {"execution_state": "busy"}, self.waking)
 
-    def _start_resume(self, parent: dict[str, Any]) -> None:
-        self._state = ProxyState.RESUMING
-        self._resume_parent = parent
-        self._publish("status", {"execution_state": "busy"}, parent)
-        on_resume = self._on_resume
-        if on_resume is None:
-            self._do_resume_failed("this kernel cannot be resumed (no session to resume it)")
-            return
-        threading.Thread(target=on_resume, name="session-resume", daemon=True).start()
-
-    def _publish(self, msg_type: str, content: dict[str, Any], parent: dict | None) -> None:
-        assert self._session is not None
-        self._session.send(self._front["iopub"], msg_type, content, parent, ident=msg_type.encode())
-
-    def _publish_progress(self, text: str) -> None:
-        if self._resume_parent is not None and self._session is not None:
+    def progress(self, text: str) -> None:
+        """A line of output in the waking cell (no-op when none waits)."""
+        if self.waking is not None:
             content = {"name": "stdout", "text": text.rstrip("\n") + "\n"}
-            self._publish("stream", content, self._resume_parent)
+            self.front.publish("stream", content, self.waking)
 
-    def _do_resume_failed(self, text: str) -> None:
-        assert self._session is not None
-        held, self._queued = self._queued, deque()
+    def status_line(self, text: str) -> None:
+        """One line in the waking cell that each call replaces (queue position, copy progress)."""
+        if self.waking is None:
+            return
+        data = {"data": {"text/plain": text}, "metadata": {}}
+        if self._line_id is None:
+            self._line_id = uuid.uuid4().hex
+            self.front.publish("display_data", data, self.waking, {"display_id": self._line_id})
+        else:
+            self.front.publish(
+                "update_display_data", data, self.waking, {"display_id": self._line_id}
+            )
+
+    def clear(self) -> None:
+        """Remove what the waking cell shows of the wait (a first start leaves nothing behind:
+        the cell's output is the cell's own)."""
+        if self.waking is not None and self._line_id is not None:
+            self.front.publish("clear_output", {"wait": False}, self.waking)
+            self._line_id = None
+
+    def end_wake(self) -> None:
+        self.waking = None
+        self._line_id = None
+
+    def fail(
+        self, held: Iterable[tuple[str, list[bytes]]], text: str, ename: str
+    ) -> list[tuple[str, list[bytes]]]:
+        """Answer every waiting cell in ``held`` with an error saying ``text``; return the other
+        requests (they wait for the next kernel)."""
+        keep = []
         for channel, frames in held:
             d = m.delim_index(frames)
             header = m.loads(m.signed_frame(frames, m.HEADER, d))  # verified when it arrived
             if header is None or header.get("msg_type") != local_replies.RESUMES:
-                continue  # requests that only wait for a kernel are dropped with the cells
-            msg = {"header": header}
-            reply = local_replies.resume_failed_reply(text)
-            self._publish("error", {k: reply[k] for k in ("ename", "evalue", "traceback")}, msg)
-            self._session.send(self._front[channel], "execute_reply", reply, msg, ident=frames[:d])
-            self._publish("status", {"execution_state": "idle"}, msg)
-        self._state = ProxyState.SUSPENDED
-        self._resume_parent = None
+                keep.append((channel, frames))
+                continue
+            self.answer_with_error(channel, frames[:d], header, text, ename)
+        self.end_wake()
+        return keep
 
-    def _on_suspended_notice(self, frames: list[Any], d: int) -> None:
-        if m.header_msg_type(m.signed_frame(frames, m.HEADER, d)) != "shared_gpu_suspended":
-            return
-        if self._state is ProxyState.ATTACHED:
-            self._state = ProxyState.HOLDING  # the next cell waits for the resume
-        content = m.loads(m.signed_frame(frames, m.CONTENT, d)) or {}
-        hook = self.kernel_suspended_hook
-        if hook is not None:
-            threading.Thread(target=hook, args=(content,), daemon=True).start()
+    def answer_with_error(
+        self, channel: str, idents: list[bytes], header: dict, text: str, ename: str
+    ) -> None:
+        """End one cell with an error reply (and its error output and idle status)."""
+        msg = {"header": header}
+        reply = local_replies.error_reply(text, ename)
+        self.front.publish("error", {k: reply[k] for k in ("ename", "evalue", "traceback")}, msg)
+        self.front.reply(channel, idents, "execute_reply", reply, msg)
+        self.front.publish("status", {"execution_state": "idle"}, msg)
+
+
+def kernel_info_content(frames: list[bytes]) -> dict[str, Any] | None:
+    """The content of a real ``kernel_info_reply`` (kept to answer while standing in)."""
+    return m.loads(m.signed_frame(frames, m.CONTENT))
+
+
+WakeCallback = Callable[[], None]

@@ -63,6 +63,14 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
     return "\n".join(lines) + "\n"
 
 
+def vanish(session) -> None:
+    """As if the Jupyter server process died: the session's heartbeats, proxy and SSH
+    connection vanish, without a shutdown; the lease and the kernel on its host stay."""
+    session.keeper.close()
+    session.link.close()
+    session.proxy.close()
+
+
 class Pool:
     """A running broker over some test hosts, and kernelspecs that point at it."""
 

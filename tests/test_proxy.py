@@ -216,12 +216,14 @@ def test_queued_requests_wait_for_iopub_and_pass_untouched() -> None:
             assert sub.poll(200) == 0, "iopub_welcome is for the proxy, not the frontends"
             status = [
                 b"kernel.x.status",
-                *_fake_request("status")[:-2],
+                *_fake_request("status")[:3],
+                b'{"msg_type": "execute_request", "msg_id": "m1", "session": "front"}',
+                b"{}",
                 b'{"execution_state": "busy"}',
             ]
             socks["iopub"].send_multipart(status)
             assert sub.poll(2000) and sub.recv_multipart() == status
-            assert p.activity().busy
+            assert p.activity().busy  # the status of a cell: the kernel is busy
     finally:
         for sock in [front, sub, *socks.values()]:
             sock.close(linger=0)

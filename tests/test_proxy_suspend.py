@@ -53,8 +53,8 @@ def outputs_until_reply(kc: BlockingKernelClient, msg_id: str) -> tuple[dict, li
 def test_suspended_proxy_answers_kernel_info_and_completion_without_a_kernel(proxy, client):
     real = client.kernel_info(reply=True, timeout=TIMEOUT)["content"]
     resumed = threading.Event()
-    proxy.suspend(resumed.set)
-    assert proxy.state is ProxyState.SUSPENDED and proxy.suspended
+    proxy.stand_in(resumed.set)
+    assert proxy.state is ProxyState.STANDING_IN and proxy.standing_in
     cached = client.kernel_info(reply=True, timeout=TIMEOUT)["content"]
     assert cached == real
     reply = client.complete("impo", reply=True, timeout=TIMEOUT)["content"]
@@ -66,12 +66,12 @@ def test_suspended_proxy_answers_kernel_info_and_completion_without_a_kernel(pro
 def test_a_cell_resumes_the_kernel_and_sees_the_progress(proxy, client, kernel):
     client.execute("kept = 7", reply=True, timeout=TIMEOUT)
 
-    def on_resume():
-        proxy.publish_progress("Resuming: waiting for a GPU slot")
-        proxy.publish_progress("Resumed on hostB slot hostB/0")
+    def on_wake():
+        proxy.progress("Resuming: waiting for a GPU slot")
+        proxy.progress("Resumed on hostB slot hostB/0")
         proxy.attach(_upstream(kernel))
 
-    proxy.suspend(on_resume)
+    proxy.stand_in(on_wake)
     msg_id = client.execute("print(kept * 6)")
     reply, seen = outputs_until_reply(client, msg_id)
     assert reply["content"]["status"] == "ok"
@@ -87,24 +87,24 @@ def test_a_cell_resumes_the_kernel_and_sees_the_progress(proxy, client, kernel):
 def test_a_failed_resume_answers_the_cell_with_the_reason_and_stays_suspended(proxy, client):
     calls = []
 
-    def on_resume():
+    def on_wake():
         calls.append(1)
-        proxy.resume_failed("no 'sim' GPU slot was free within 60s")
+        proxy.wake_failed("no 'sim' GPU slot was free within 60s")
 
-    proxy.suspend(on_resume)
+    proxy.stand_in(on_wake)
     msg_id = client.execute("1 + 1")
     reply, seen = outputs_until_reply(client, msg_id)
     assert reply["content"]["status"] == "error"
     assert reply["content"]["ename"] == "ResumeFailed"
     assert "no 'sim' GPU slot was free" in reply["content"]["evalue"]
     assert any(m["msg_type"] == "error" for m in seen)
-    assert proxy.state is ProxyState.SUSPENDED
+    assert proxy.state is ProxyState.STANDING_IN
     outputs_until_reply(client, client.execute("2 + 2"))
     assert len(calls) == 2  # the next cell tries again
 
 
 def test_interrupt_and_shutdown_requests_are_answered_while_suspended(proxy, client):
-    proxy.suspend(lambda: None)
+    proxy.stand_in(lambda: None)
     msg = client.session.msg("interrupt_request", {})
     client.control_channel.send(msg)
     assert client.get_control_msg(timeout=TIMEOUT)["content"]["status"] == "ok"
@@ -128,7 +128,7 @@ def test_a_cell_the_saving_kernel_never_answered_runs_after_the_resume(proxy, cl
         proxy.attach(ports)
         msg_id = client.execute("print('ran once')")
         assert mute["shell"].poll(5000), "the request did not reach the mute kernel"
-        proxy.suspend(lambda: proxy.attach(_upstream(kernel)))
+        proxy.stand_in(lambda: proxy.attach(_upstream(kernel)))
         reply, seen = outputs_until_reply(client, msg_id)
         assert reply["content"]["status"] == "ok"
         text = "".join(m["content"]["text"] for m in seen if m["msg_type"] == "stream")

@@ -16,13 +16,21 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from tests.pool import Pool
+from tests.pool import Pool, vanish
 
 
 def run(kc: BlockingKernelClient, code: str, timeout: float = 30) -> tuple[dict, list[dict]]:
-    """Execute ``code``; return the reply content and the IOPub messages of that request."""
+    """Execute ``code``; return the reply content and the IOPub messages of that request that
+    a notebook still shows at the end (a ``clear_output`` drops what came before it)."""
     outputs: list[dict] = []
-    reply = kc.execute_interactive(code, timeout=timeout, output_hook=outputs.append)
+
+    def hook(msg: dict) -> None:
+        if msg["msg_type"] == "clear_output":
+            outputs.clear()
+        else:
+            outputs.append(msg)
+
+    reply = kc.execute_interactive(code, timeout=timeout, output_hook=hook)
     return reply["content"], outputs
 
 
@@ -95,6 +103,7 @@ def test_rich_output_and_input_round_trip(pool: Pool, started):
 
 def test_interrupt_stops_a_sleeping_loop_and_the_kernel_lives(pool: Pool, started):
     km, kc = started()
+    run(kc, "1")  # the first cell takes the slot (lazy attach)
     msg_id = kc.execute("import time\nfor _ in range(600): time.sleep(0.1)")
     time.sleep(1.5)
     km.interrupt_kernel()
@@ -136,25 +145,34 @@ def test_two_kernels_on_two_hosts_and_a_third_waits_for_a_free_slot(pool: Pool, 
     hosts = {where(kc1)["host"], where(kc2)["host"]}
     assert hosts == {h.name for h in pool.hosts}
 
+    _, kc3 = started()  # lazy attach: ready at once, no slot taken yet
+    assert [lease["state"] for lease in pool.status()["leases"]].count("queued") == 0
+    seen: list[dict] = []
     third: dict = {}
 
-    def start_third():
-        third["km_kc"] = started()
+    def first_cell():
+        third["reply"] = kc3.execute_interactive(
+            "import os; print(os.environ['SHARED_GPU_HOST'])", timeout=60, output_hook=seen.append
+        )
 
-    waiter = threading.Thread(target=start_third, daemon=True)
+    waiter = threading.Thread(target=first_cell, daemon=True)
     waiter.start()
-    time.sleep(3)
-    assert waiter.is_alive(), "the third kernel started although the pool was full"
-    status = pool.status()
-    assert [lease["state"] for lease in status["leases"]].count("queued") == 1
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "queued" not in str(pool.status()["leases"]):
+        time.sleep(0.1)
+    time.sleep(1)
+    assert waiter.is_alive(), "the third kernel's cell ran although the pool was full"
+    assert [lease["state"] for lease in pool.status()["leases"]].count("queued") == 1
+    shown = [m["content"]["data"]["text/plain"] for m in seen if "data" in m["content"]]
+    assert "Waiting for a free GPU slot: position 1 of 1 in the queue" in shown
 
     freed_host = where(kc1)["host"]
     kc1.stop_channels()
     km1.shutdown_kernel()
     waiter.join(30)
     assert not waiter.is_alive(), "the third kernel did not start after a slot was released"
-    _, kc3 = third["km_kc"]
-    assert where(kc3)["host"] == freed_host
+    assert third["reply"]["content"]["status"] == "ok"
+    assert stdout_of(seen).strip() == freed_host
 
 
 def test_a_restarted_jupyter_server_reattaches_to_the_running_kernel(pool: Pool, started):
@@ -163,10 +181,7 @@ def test_a_restarted_jupyter_server_reattaches_to_the_running_kernel(pool: Pool,
     first = where(kc)
     saved = asyncio.run(km.provisioner.get_provisioner_info())
     # The Jupyter server process dies: its proxy and SSH connection vanish; lease and kernel stay.
-    session = km.provisioner.session
-    session._closed.set()
-    session.proxy.close()
-    session.conn.close()
+    vanish(km.provisioner.session)
     km.provisioner.session = None
     kc.stop_channels()
 

@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
 from broker.client import BrokerClient
-from tests.pool import Pool
+from tests.pool import Pool, vanish
 from tests.sshd import ClientKeys, TestHost
 
 STATE = r"""
@@ -225,15 +225,15 @@ def test_a_cut_ssh_connection_loses_nothing(busy_kernel):
     km, kc = busy_kernel
     run(kc, "state = {'a': 1}")
     session = km.provisioner.session
-    dead = session.conn
+    dead = session.link.connection
     dead._transport.sock.shutdown(2)  # the TCP connection dies under us
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        conn = session.conn
+        conn = session.link.connection
         if conn is not None and conn is not dead and conn.is_alive():
             break
         time.sleep(0.05)
-    assert session.conn is not dead, "the provisioner did not reconnect"
+    assert session.link.connection is not dead, "the provisioner did not reconnect"
     content, printed = run(kc, "state['a'] += 1; print(state)", timeout=60)
     assert content["status"] == "ok"
     assert "{'a': 2}" in printed
@@ -246,11 +246,8 @@ def test_a_kernel_whose_jupyter_server_vanished_saves_itself_and_frees_its_slot(
     km, kc = idle_pool.start_kernel()
     run(kc, "precious = 41 + 1")
     pid = int(last_line(run(kc, "import os; print(os.getpid())")[1]))
-    session = km.provisioner.session
     # the Jupyter server dies: no more heartbeats, no more proxy, no more SSH connection
-    session._closed.set()
-    session.proxy.close()
-    session.conn.close()
+    vanish(km.provisioner.session)
     km.provisioner.session = None
     kc.stop_channels()
 

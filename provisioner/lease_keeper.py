@@ -1,0 +1,266 @@
+"""``LeaseKeeper``: the only holder of a kernel's lease and the only sender of its heartbeats.
+
+``KernelSession`` (``provisioner.session``) owns one keeper. ``acquire`` asks the broker for a slot
+and waits in its queue (saying where it stands, cancellable at once); from the grant on, the
+keeper's own thread heartbeats every ``heartbeat_interval`` with the proxy's activity, whatever
+else the session is doing (saving, copying, restoring: nothing it does blocks this thread), and
+hands what the broker says to the session's ``LeaseListener``: the fresh lease (policy, quota,
+queue), each order (suspend), and at once when the broker has ended the lease, after which the
+keeper holds no lease: a stale "granted" copy is never used again.
+
+Each thread that talks to the broker has its own ``BrokerClient`` (they are not thread-safe).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from broker.client import BrokerClient, Lease
+from broker.errors import BrokerError
+from gpu_kernel.cancel import Cancelled, CancelToken
+from gpu_kernel.errors import SharedGPUError
+from provisioner.proxy_state import Activity
+
+log = logging.getLogger(__name__)
+
+POLL_WAIT = 30.0  # s a queued request's long poll may wait at the broker
+
+
+class LeaseTimeout(SharedGPUError):
+    """No slot was granted within the kernelspec's ``lease_timeout``."""
+
+
+class LeaseLost(SharedGPUError):
+    """The broker ended our lease or our request (expired, dropped from the queue)."""
+
+
+class LeaseListener(Protocol):
+    """What the keeper tells its session; each call must return at once (no network)."""
+
+    def lease_info(self, lease: Lease) -> None: ...
+
+    def lease_order(self, order: dict[str, Any]) -> None: ...
+
+    def lease_ended(self, lease: Lease) -> None: ...
+
+    def heartbeat_trouble(self, message: str | None) -> None: ...
+
+
+class LeaseKeeper:
+    """Requests, keeps (heartbeats) and releases the lease of one kernel id."""
+
+    def __init__(
+        self,
+        make_client: Callable[[], BrokerClient],
+        kernel_id: str,
+        kind: str,
+        activity: Callable[[], Activity],
+        listener: LeaseListener,
+    ) -> None:
+        self._make_client = make_client
+        self.kernel_id = kernel_id
+        self.kind = kind
+        self._activity = activity
+        self._listener = listener
+        self._lease: Lease | None = None  # granted, as the broker last said
+        self._queued: Lease | None = None  # our request while it waits in the queue
+        self._lock = threading.Lock()  # guards the two above; never held over the network
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._heartbeat_client = make_client()
+
+    # ---- what the session reads ----------------------------------------------------------------
+
+    @property
+    def _slot_words(self) -> str:
+        return "GPU slot" if self.kind == "any" else f"{self.kind!r} GPU slot"
+
+    @property
+    def lease(self) -> Lease | None:
+        """The granted lease (None when we hold none)."""
+        return self._lease
+
+    @property
+    def queued(self) -> Lease | None:
+        """Our request while it waits in the broker's queue (position, queue length)."""
+        return self._queued
+
+    # ---- acquire -------------------------------------------------------------------------------
+
+    def acquire(
+        self,
+        cancel: CancelToken,
+        timeout: float,
+        say: Callable[[str], None],
+        resume_from: str | None = None,
+    ) -> Lease:
+        """Ask for a slot and wait in the queue until granted; raise ``LeaseTimeout`` after
+        ``timeout`` s, ``LeaseLost`` when the broker drops the request, ``Cancelled`` at once when
+        ``cancel`` is cancelled. A request given up on is withdrawn."""
+        client = self._make_client()
+        request: Lease | None = None
+        try:
+            with cancel.hook(client.abort):
+                request = client.request_lease(self.kind, self.kernel_id, resume_from=resume_from)
+                request = self._wait_in_queue(client, request, cancel, timeout, say)
+        except BaseException:
+            with self._lock:
+                self._queued = None
+            if request is not None and request.state == "queued":
+                self._withdraw(request.id)
+            raise
+        finally:
+            client.close()
+        with self._lock:
+            self._queued = None
+            self._lease = request
+        assert request.slot is not None and request.host is not None
+        self._start_heartbeats()
+        return request
+
+    def _wait_in_queue(
+        self,
+        client: BrokerClient,
+        lease: Lease,
+        cancel: CancelToken,
+        timeout: float,
+        say: Callable[[str], None],
+    ) -> Lease:
+        deadline = time.monotonic() + timeout
+        last = None
+        while lease.state == "queued":
+            with self._lock:
+                self._queued = lease
+            if (lease.position, lease.queue_length) != last:
+                say(
+                    f"Waiting for a free {self._slot_words}: position {lease.position} of "
+                    f"{lease.queue_length} in the queue"
+                )
+                last = (lease.position, lease.queue_length)
+            remaining = deadline - time.monotonic()
+            cancel.check()
+            if remaining <= 0:
+                raise LeaseTimeout(
+                    f"no {self._slot_words} was free within {timeout:.0f}s (position "
+                    f"{lease.position} of {lease.queue_length} when we gave up)",
+                    "try again later, choose a kernel with another slot kind, or raise "
+                    "lease_timeout with `jupyter shared-gpu install --lease-timeout ...`",
+                )
+            lease = client.get_lease(lease.id, wait=min(remaining, POLL_WAIT))
+        if lease.state != "granted":
+            raise LeaseLost(
+                f"the broker ended our request for a GPU slot ({lease.state}"
+                + (f": {lease.end_reason}" if lease.end_reason else "")
+                + ")",
+                "run the cell again; if it keeps happening ask the admin about the broker's "
+                "queue_timeout",
+            )
+        return lease
+
+    def adopt(self, lease: Lease) -> None:
+        """Keep a lease another process of ours took (a Jupyter server restarted)."""
+        with self._lock:
+            self._lease = lease
+        self._start_heartbeats()
+
+    # ---- release -------------------------------------------------------------------------------
+
+    def release(
+        self, reason: str = "released", checkpoint: dict[str, Any] | None = None
+    ) -> Lease | None:
+        """End the lease we hold (no-op without one); heartbeats for it stop first. Failures are
+        logged: an unreleased lease expires, and the broker fences its slot."""
+        with self._lock:
+            lease, self._lease = self._lease, None
+        if lease is None:
+            return None
+        client = self._make_client()
+        try:
+            return client.release(lease.id, reason=reason, checkpoint=checkpoint)
+        except BrokerError as err:
+            log.warning("could not release lease %s (%s): %s", lease.id, reason, err)
+            return None
+        finally:
+            client.close()
+
+    def _withdraw(self, lease_id: str) -> None:
+        client = self._make_client()
+        try:
+            client.release(lease_id)
+        except BrokerError as err:
+            log.warning("could not withdraw the request %s: %s", lease_id, err)
+        finally:
+            client.close()
+
+    # ---- heartbeats ----------------------------------------------------------------------------
+
+    def beat_now(self) -> None:
+        """Send a heartbeat without waiting for the interval (after a grant or an adoption)."""
+        self._wake.set()
+
+    def _start_heartbeats(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(
+                target=self._run, name=f"lease-{self.kernel_id[:8]}", daemon=True
+            )
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        """Heartbeat while a lease is held; never dies on an error (it says so, and goes on)."""
+        while not self._closed.is_set():
+            lease = self._lease
+            interval = lease.heartbeat_interval if lease is not None else 5.0
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            try:
+                self._beat()
+            except Exception as exc:  # a bug must not stop the heartbeats: say it, go on
+                log.exception("heartbeat of kernel %s failed", self.kernel_id)
+                self._listener.heartbeat_trouble(f"heartbeats failed: {exc}")
+
+    def _beat(self) -> None:
+        lease = self._lease
+        if lease is None:
+            return
+        activity = self._activity()
+        try:
+            reply = self._heartbeat_client.heartbeat(
+                lease.id, busy=activity.busy, last_activity=activity.last_activity
+            )
+        except BrokerError as err:
+            log.warning("heartbeat for lease %s failed: %s", lease.id, err)
+            self._listener.heartbeat_trouble(f"cannot reach the broker: {err.message}")
+            return
+        with self._lock:
+            if self._lease is None or self._lease.id != lease.id:
+                return  # released meanwhile: whatever the broker says of it is old news
+            ended = reply.lease.state != "granted"
+            self._lease = None if ended else reply.lease
+        self._listener.heartbeat_trouble(None)
+        if ended:
+            log.warning("the broker ended lease %s (%s)", lease.id, reply.lease.state)
+            self._listener.lease_ended(reply.lease)
+            return
+        self._listener.lease_info(reply.lease)
+        for order in reply.orders:
+            self._listener.lease_order(order)
+
+    def close(self) -> None:
+        """Stop the heartbeats (the caller releases the lease first, if it should)."""
+        self._closed.set()
+        self._wake.set()
+        self._heartbeat_client.abort()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=2)
+        self._heartbeat_client.close()
+
+
+__all__ = ["Cancelled", "LeaseKeeper", "LeaseListener", "LeaseLost", "LeaseTimeout"]

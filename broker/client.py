@@ -136,6 +136,7 @@ class BrokerClient:
         self._port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self._base = parsed.path.rstrip("/")
         self._conn: http.client.HTTPConnection | None = None
+        self._aborted = False
 
     # -- API -------------------------------------------------------------------------------
 
@@ -224,7 +225,8 @@ class BrokerClient:
 
     def abort(self) -> None:
         """From another thread: break the call under way (its socket is shut down), which then
-        raises ``BrokerUnreachable``; the next call connects again."""
+        raises ``BrokerUnreachable``, as does every later call of this client."""
+        self._aborted = True
         sock = getattr(self._conn, "sock", None)
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -259,6 +261,8 @@ class BrokerClient:
         if payload is not None:
             headers["Content-Type"] = "application/json"
         for attempt in (1, 2):
+            if self._aborted:
+                raise self._unreachable("the call was abandoned")
             reused = self._conn is not None
             try:
                 if self._conn is None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -210,7 +211,19 @@ class GPUKernel(IPythonKernel):
         except BaseException:
             self.activity.abort_suspend()
             raise
+        self._record_saved(target, int(manifest.total_bytes))
         return suspend_reply(str(target), manifest, time.monotonic() - t0)
+
+    def _record_saved(self, target: Path, nbytes: int) -> None:
+        """Note where the state went (``saved.json`` in the runtime dir): ``ctl status`` and the
+        watch report it after the exit, for a caller whose suspend reply was lost, or a fence."""
+        record = self.runtime_dir / "saved.json"
+        tmp = record.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps({"path": str(target), "bytes": nbytes}))
+            os.replace(tmp, record)
 
     def restore(self, path: Path) -> dict[str, Any]:
         """Load the checkpoint at ``path`` into ``user_ns``; returns the ``restore_reply``."""

@@ -28,6 +28,7 @@ from gpu_kernel.errors import BadRequest
 from gpu_kernel.protocol import (
     PORT_NAMES,
     PROTOCOL_VERSION,
+    SUSPENDED_EXIT_CODE,
     KernelStatus,
     LaunchReply,
     LaunchRequest,
@@ -41,6 +42,7 @@ POLL_INTERVAL = 0.02
 KILL_GRACE = 3.0
 WATCH_INTERVAL = 1.0  # s between the watch's "still alive" lines
 LAUNCH_RECORD = "launch.json"  # who the kernel belongs to: kernel_id, owner, host_name, slot, pid
+SAVED_RECORD = "saved.json"  # where the kernel saved its state last: {"path", "bytes"}
 # Variables that would tie the kernel to a process on this side (ipykernel's parent poller).
 _DROP_ENV = ("JPY_PARENT_PID", "JPY_INTERRUPT_EVENT")
 
@@ -119,7 +121,7 @@ def _prepare_dir(rdir: Path) -> None:
                 f"a kernel with id {rdir.name} is already running on this host",
                 f"run `python -m gpu_kernel ctl {rdir.name} cleanup` first",
             )
-        for name in ("connection.json", "kernel.pid", "exit_code", LAUNCH_RECORD):
+        for name in ("connection.json", "kernel.pid", "exit_code", LAUNCH_RECORD, SAVED_RECORD):
             (rdir / name).unlink(missing_ok=True)
     else:
         rdir.mkdir(mode=0o700)
@@ -302,7 +304,25 @@ def kernel_status(rdir: Path) -> KernelStatus:
         exit_code: int | None = int((rdir / "exit_code").read_text().strip())
     except (OSError, ValueError):
         exit_code = None
-    return KernelStatus(alive=_owned_pid(rdir) is not None, exit_code=exit_code)
+    alive = _owned_pid(rdir) is not None
+    saved = saved_checkpoint(rdir) if exit_code == SUSPENDED_EXIT_CODE and not alive else None
+    return KernelStatus(alive=alive, exit_code=exit_code, checkpoint=saved)
+
+
+def saved_checkpoint(rdir: Path) -> dict | None:
+    """Where the kernel in ``rdir`` saved its state last (its ``saved.json``, written after each
+    checkpoint), or its default checkpoint dir when that holds one; None when neither."""
+    try:
+        record = json.loads((rdir / SAVED_RECORD).read_text())
+        if isinstance(record.get("path"), str) and type(record.get("bytes")) is int:
+            return {"path": record["path"], "bytes": record["bytes"]}
+    except (OSError, ValueError, AttributeError):
+        pass
+    default = rdir / "checkpoint"
+    if not (default / "manifest.json").is_file():
+        return None
+    size = sum(p.stat().st_size for p in default.rglob("*") if p.is_file())
+    return {"path": str(default), "bytes": size}
 
 
 def launch_record(rdir: Path) -> dict | None:

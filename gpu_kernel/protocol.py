@@ -223,20 +223,32 @@ class LaunchReply:
 
 @dataclass(frozen=True)
 class KernelStatus:
-    """``ctl`` answer: is the kernel process alive, and its exit code once it wrote one."""
+    """``ctl`` answer: is the kernel process alive, its exit code once it wrote one, and for a
+    kernel that saved its state and exited (``SUSPENDED_EXIT_CODE``) where: ``{"path": str,
+    "bytes": int}`` (so a caller whose suspend reply was lost, or a fence, knows)."""
 
     alive: bool
     exit_code: int | None = None
+    checkpoint: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
+        data = asdict(self)
+        if self.checkpoint is None:
+            del data["checkpoint"]
+        return json.dumps(data, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, line: str | bytes) -> KernelStatus:
         what = "kernel status"
         d = _parse_object(line, what)
-        _no_extra(d, {"alive", "exit_code"}, what)
+        _no_extra(d, {"alive", "exit_code", "checkpoint"}, what)
+        checkpoint = _get(d, "checkpoint", (dict, type(None)), what, None)
+        if checkpoint is not None and not (
+            isinstance(checkpoint.get("path"), str) and type(checkpoint.get("bytes")) is int
+        ):
+            raise BadRequest(f"{what}: 'checkpoint' must be {{\"path\": str, \"bytes\": int}}")
         return cls(
             alive=_get(d, "alive", bool, what),
             exit_code=_get(d, "exit_code", (int, type(None)), what),
+            checkpoint=checkpoint,
         )

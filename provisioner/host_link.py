@@ -57,6 +57,7 @@ class KernelOnHost:
     reply: LaunchReply
     upstream: dict[str, int] = field(default_factory=dict)  # local ports of the tunnels
     exit_code: int | None = None
+    saved: dict | None = None  # {"path", "bytes"}: where it saved its state, if it did
     exited: threading.Event = field(default_factory=threading.Event)
 
 
@@ -200,10 +201,17 @@ class HostLink:
     # ---- host commands -------------------------------------------------------------------------
 
     def ctl(self, action: str, cancel: CancelToken, signum: int | None = None) -> KernelStatus:
-        """``status``, ``signal``, ``kill`` or ``cleanup`` of the kernel on the current host."""
+        """``status``, ``signal``, ``kill`` or ``cleanup`` of the kernel on the current host;
+        when the connection is down (being replaced), over a new one (``cancel`` bounds it)."""
         conn, target = self._conn, self.target
-        if conn is None or target is None:
-            raise SharedGPUError("no connection to the kernel's host")
+        if target is None:
+            raise SharedGPUError("the kernel has no host")
+        if conn is None or not conn.is_alive():
+            conn = connect(target, cancel)
+            with self._lock:
+                old, self._conn = self._conn, conn
+            if old is not None:
+                old.close()
         with cancel.hook(conn.close):
             if action == "signal":
                 assert signum is not None
@@ -249,11 +257,12 @@ class HostLink:
                 log.debug("host link: ignored a line of the watch: %r", line[:200])
                 continue
             if not status.alive:
-                self._ended(kernel, status.exit_code)
+                self._ended(kernel, status)
                 return None
 
-    def _ended(self, kernel: KernelOnHost, code: int | None) -> None:
-        kernel.exit_code = code
+    def _ended(self, kernel: KernelOnHost, status: KernelStatus) -> None:
+        code = status.exit_code
+        kernel.exit_code, kernel.saved = code, status.checkpoint
         kernel.exited.set()
         if self.kernel is kernel:
             self._listener.kernel_exited(code)
@@ -278,7 +287,7 @@ class HostLink:
                 status = remote.status(conn, target, self.kernel_id)
                 if not status.alive:
                     conn.close()
-                    self._ended(kernel, status.exit_code)
+                    self._ended(kernel, status)
                     return None
                 upstream = self._forward(conn, kernel.reply.ports)
                 stream = remote.watch(conn, target, self.kernel_id)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from broker.client import BrokerClient, Lease
-from broker.errors import BrokerError
+from broker.errors import BrokerError, BrokerUnreachable
 from gpu_kernel.cancel import Cancelled, CancelToken
 from gpu_kernel.errors import SharedGPUError
 from provisioner.proxy_state import Activity
@@ -28,6 +28,8 @@ from provisioner.proxy_state import Activity
 log = logging.getLogger(__name__)
 
 POLL_WAIT = 30.0  # s a queued request's long poll may wait at the broker
+BROKER_RETRY = 1.0  # s between tries while the broker cannot be reached
+BROKER_RESTART = 6.0  # s a new request waits for a broker that refuses connections
 
 
 class LeaseTimeout(SharedGPUError):
@@ -104,10 +106,23 @@ class LeaseKeeper:
         ``cancel`` is cancelled. A request given up on is withdrawn."""
         client = self._make_client()
         request: Lease | None = None
+        deadline = time.monotonic() + timeout
+        # a broker that does not answer the request at all is waited for briefly (a restart
+        # takes seconds); once our request is in its queue, it is on its disk: wait it out
+        ask_until = min(deadline, time.monotonic() + BROKER_RESTART)
         try:
             with cancel.hook(client.abort):
-                request = client.request_lease(self.kind, self.kernel_id, resume_from=resume_from)
-                request = self._wait_in_queue(client, request, cancel, timeout, say)
+                while request is None:
+                    try:
+                        request = client.request_lease(
+                            self.kind, self.kernel_id, resume_from=resume_from
+                        )
+                    except BrokerUnreachable as err:
+                        # refused: the request never reached it (a restart): ask again
+                        if "connection refused" not in err.message:
+                            raise
+                        self._wait_for_broker(err, cancel, ask_until, say)
+                request = self._wait_in_queue(client, request, cancel, deadline, say)
         except BaseException:
             with self._lock:
                 self._queued = None
@@ -123,15 +138,28 @@ class LeaseKeeper:
         self._start_heartbeats()
         return request
 
+    def _wait_for_broker(
+        self,
+        err: BrokerUnreachable,
+        cancel: CancelToken,
+        deadline: float,
+        say: Callable[[str], None],
+    ) -> None:
+        """The broker is down (restarting?): say so, wait a little, or give up at ``deadline``."""
+        if time.monotonic() + BROKER_RETRY > deadline:
+            raise err
+        say(f"Waiting for the broker: {err.message}; retrying")
+        if cancel.wait(BROKER_RETRY):
+            cancel.check()
+
     def _wait_in_queue(
         self,
         client: BrokerClient,
         lease: Lease,
         cancel: CancelToken,
-        timeout: float,
+        deadline: float,
         say: Callable[[str], None],
     ) -> Lease:
-        deadline = time.monotonic() + timeout
         last = None
         while lease.state == "queued":
             with self._lock:
@@ -146,12 +174,16 @@ class LeaseKeeper:
             cancel.check()
             if remaining <= 0:
                 raise LeaseTimeout(
-                    f"no {self._slot_words} was free within {timeout:.0f}s (position "
-                    f"{lease.position} of {lease.queue_length} when we gave up)",
+                    f"no {self._slot_words} was free in time (position {lease.position} of "
+                    f"{lease.queue_length} when we gave up)",
                     "try again later, choose a kernel with another slot kind, or raise "
                     "lease_timeout with `jupyter shared-gpu install --lease-timeout ...`",
                 )
-            lease = client.get_lease(lease.id, wait=min(remaining, POLL_WAIT))
+            try:
+                lease = client.get_lease(lease.id, wait=min(remaining, POLL_WAIT))
+            except BrokerUnreachable as err:  # the queue is on the broker's disk: wait for it
+                self._wait_for_broker(err, cancel, deadline, say)
+                last = None
         if lease.state != "granted":
             raise LeaseLost(
                 f"the broker ended our request for a GPU slot ({lease.state}"
@@ -161,6 +193,26 @@ class LeaseKeeper:
                 "queue_timeout",
             )
         return lease
+
+    def verify(self) -> Lease | None:
+        """Ask the broker whether the lease we hold is still granted to us (before launching on
+        it again: a restart); drop it when it is not. Raises ``BrokerError`` when the broker
+        cannot say: launching on a slot that may be someone else's is not an option."""
+        lease = self._lease
+        if lease is None:
+            return None
+        client = self._make_client()
+        try:
+            current = client.get_lease(lease.id)
+        finally:
+            client.close()
+        with self._lock:
+            if self._lease is None or self._lease.id != lease.id:
+                return self._lease
+            self._lease = current if current.state == "granted" else None
+            if self._lease is None:
+                log.warning("lease %s had ended (%s); asking for another", lease.id, current.state)
+            return self._lease
 
     def adopt(self, lease: Lease) -> None:
         """Keep a lease another process of ours took (a Jupyter server restarted)."""

@@ -123,6 +123,7 @@ class SessionProxy:
         self._executions = Executions()
         self._own_sessions: frozenset[bytes] = frozenset()
         self._probe: tuple[str, int] | None = None  # (msg_id, mark) of our kernel_info probe
+        self._notice: str | None = None  # for the next cell (notice_next_cell)
         self._on_wake: Callable[[], None] | None = None
         # called (in a thread of its own) with the content of the kernel's "I saved myself and
         # will exit" IOPub notice (%gpu suspend); requests are held from that moment
@@ -224,6 +225,11 @@ class SessionProxy:
     def clear_status(self) -> None:
         """Remove the waking cell's status line (before the kernel runs it)."""
         self._call("clear", None)
+
+    def notice_next_cell(self, text: str) -> None:
+        """Show ``text`` (stderr) at the top of the next cell the kernel runs (something the
+        user should know that happened between cells, e.g. a suspend that failed)."""
+        self._call("notice", text)
 
     def notify_running_cell(self, text: str) -> None:
         """Show ``text`` (stderr) in the cell the kernel is running now, if any."""
@@ -347,6 +353,8 @@ class SessionProxy:
             self.stand_in_for.clear()
         elif name == "notify":
             self._notify_running(arg)
+        elif name == "notice":
+            self._notice = arg
         elif name == "wake_failed":
             self._to(E.WAKE_FAILED)
             self._queued = deque(self.stand_in_for.fail(self._queued, *arg))
@@ -476,6 +484,11 @@ class SessionProxy:
     def _send_up(self, channel: str, frames: list[bytes]) -> None:
         if channel == "shell" and (msg_id := _execute_id(frames)) is not None:
             self._executions.sent(msg_id, channel, frames)
+            if self._notice is not None and self.front.signer is not None:
+                parent = {"header": m.loads(m.signed_frame(frames, m.HEADER)) or {}}
+                text = self._notice.rstrip("\n") + "\n"
+                self.front.publish("stream", {"name": "stderr", "text": text}, parent)
+                self._notice = None
         try:
             self._up[channel].send_multipart(frames, zmq.NOBLOCK)
         except zmq.Again:

@@ -100,8 +100,10 @@ def bring_to(
         f"Copying the saved state ({format_bytes(saved.bytes)}) from {saved.host.name} to "
         f"{dest_target.name}"
     )
+    # a link that goes quiet mid-copy fails the copy after a few link timeouts, not minutes
+    quiet = max(3 * settings.link_timeout, 6.0)
     with connect(source, cancel) as src, cancel.hook(src.close), cancel.hook(dest.close):
-        copy_checkpoint(src, source, dest, dest_target, kernel_id)
+        copy_checkpoint(src, source, dest, dest_target, kernel_id, timeout=quiet)
     return None, True
 
 

@@ -41,6 +41,7 @@ from provisioner.host_link import HostLink, KernelOnHost
 from provisioner.kernel_control import ControlBusy, KernelControl, KernelControlError
 from provisioner.lease_keeper import LeaseKeeper, LeaseLost
 from provisioner.proxy import SessionProxy
+from provisioner.proxy_state import ProxyError
 from provisioner.saved_state import SavedState, target_for
 from provisioner.session_state import WITH_PROCESS, Event, Phase, advance
 from provisioner.settings import ProvisionerSettings
@@ -110,6 +111,7 @@ class KernelSession:
         self.control: KernelControl | None = None
         self.exit_code: int | None = None
         self.message: str | None = None  # the last thing the user should know (ui_state)
+        self.broker_trouble: str | None = None  # the heartbeats cannot get through: why
         self._launch_args: tuple[bytes, str, dict[str, str]] | None = None
         self._phase = Phase.UNATTACHED
         self._lock = threading.Lock()  # phase, op token, flags; memory only
@@ -123,6 +125,8 @@ class KernelSession:
         self._info_thread: threading.Thread | None = None
         self._own_sessions: list[str] = []
         self._link_drops = 0  # link_lost calls so far (an operation notices a drop mid-way)
+        self._closing = False
+        self.closed = threading.Event()  # set once a shutdown's clean-up is done
 
     # ---- phase ---------------------------------------------------------------------------------
 
@@ -142,6 +146,15 @@ class KernelSession:
         with self._lock:
             self._phase = advance(self._phase, event)
             return self._phase
+
+    def _to_proxy(self, method: str, *args: Any) -> None:
+        """Tell the proxy something from an event or a clean-up; once the session is closing
+        (the proxy is closed first, to free the ports at once) there is nobody to tell."""
+        try:
+            getattr(self.proxy, method)(*args)
+        except ProxyError:
+            if not self._closing:
+                raise
 
     def _say(self, text: str) -> None:
         self._log_progress(f"Shared GPU kernel {self.kernel_id[:8]}: {text}")
@@ -201,11 +214,13 @@ class KernelSession:
         self._advance(Event.LAUNCH)
         self.message = None
         try:
-            lease = self.keeper.lease or self.keeper.acquire(
+            # a lease kept from before a restart is used only if the broker says it still is
+            # ours: a stale copy would start a second kernel on someone else's slot
+            lease = self.keeper.verify() or self.keeper.acquire(
                 token, self.settings.lease_timeout, self._say
             )
             self._start_on(lease, None, token, self._say)
-        except (SharedGPUError, Cancelled) as err:
+        except (SharedGPUError, Cancelled, BrokerError) as err:
             failure.append(err)
             self.message = str(err)
             self._undo_start(token)
@@ -267,7 +282,7 @@ class KernelSession:
                 self._phase = advance(self._phase, Event.START_FAILED)
             closing = self._phase in (Phase.ENDED, Phase.CLOSED)
         if not closing:
-            self.proxy.wake_failed(text, ename)
+            self._to_proxy("wake_failed", text, ename)
 
     def _start_on(
         self,
@@ -504,8 +519,7 @@ class KernelSession:
             self.request_suspend("lease ended", forced=True, grace=DEFAULT_BUSY_GRACE, lost=True)
 
     def heartbeat_trouble(self, message: str | None) -> None:
-        if message is not None or (self.message or "").startswith(("cannot reach", "heartbeat")):
-            self.message = message
+        self.broker_trouble = message
 
     # ---- suspend ---------------------------------------------------------------------------------
 
@@ -577,11 +591,13 @@ class KernelSession:
         def exited() -> str | None:
             return "the kernel exited" if kernel.exited.is_set() else None
 
+        busy = False
         try:
             reply = control.request("suspend_request", request, SUSPEND_TIMEOUT, token, exited)
             if reply.get("status") != "ok":
+                busy = reply.get("ename") == "KernelBusy"
                 raise KernelControlError(
-                    f"the kernel refused to suspend: {reply.get('evalue') or reply}"
+                    f"the kernel could not suspend: {reply.get('evalue') or reply}"
                 )
         except Cancelled:
             return  # shutting down: the closer ends the kernel
@@ -590,10 +606,15 @@ class KernelSession:
                 reply = {}  # it saved and exited; the reply was lost with the link
             else:
                 log.warning("kernel %s stays running: %s", self.kernel_id, err)
-                self.message = str(err)
+                self.message = err.message
                 with self._lock:
                     if self._phase is Phase.SUSPENDING:
                         self._phase = advance(self._phase, Event.REFUSED)
+                if not busy:  # a real failure (disk full...): the user must hear of it
+                    self.proxy.notice_next_cell(
+                        f"Shared GPU: {err.message} ({reason}); the kernel keeps running, "
+                        "with its variables, on its GPU"
+                    )
                 self.proxy.release()
                 return
         if not kernel.exited.wait(EXIT_TIMEOUT):
@@ -602,8 +623,9 @@ class KernelSession:
                 self.link.ctl("kill", _deadline(CLOSE_STEP))
             except (SharedGPUError, Cancelled) as err:
                 log.warning("could not kill kernel %s: %s", self.kernel_id, err)
-        path = reply.get("checkpoint")
-        nbytes = reply.get("bytes")
+        saved = kernel.saved or {}  # the watch's word, when the reply was lost
+        path = reply.get("checkpoint", saved.get("path"))
+        nbytes = reply.get("bytes", saved.get("bytes"))
         self._enter_suspended(
             path if isinstance(path, str) else None,
             nbytes if isinstance(nbytes, int) else 0,
@@ -623,10 +645,10 @@ class KernelSession:
         if host is not None:
             self.saved = SavedState(host, path, nbytes, reason, time.time())
         checkpoint = None
-        if host is not None:
+        if host is not None and path:
             checkpoint = {
                 "host": host.name,
-                "path": path or "",
+                "path": path,
                 "bytes": nbytes,
                 "kernel_id": self.kernel_id,
             }
@@ -638,7 +660,7 @@ class KernelSession:
             event = Event.SUSPENDED if self._phase is Phase.SUSPENDING else Event.SAVED_ITSELF
             if self._phase in (Phase.SUSPENDING, Phase.RUNNING, Phase.RECONNECTING):
                 self._phase = advance(self._phase, event)
-        self.proxy.stand_in(self.wake)
+        self._to_proxy("stand_in", self.wake)
         where = host.name if host is not None else "its host"
         self.message = None
         self._say(
@@ -702,14 +724,16 @@ class KernelSession:
         if not ending:
             self.message = f"the kernel process ended {_exit_text(code)}"
             log.warning("kernel %s ended %s", self.kernel_id, _exit_text(code))
-        self.proxy.detach()
+        self._to_proxy("detach")
 
     def _op_exited_saved(self, token: CancelToken) -> None:
+        kernel = self.link.kernel
         with self._lock:
             if self._phase not in (Phase.RUNNING, Phase.RECONNECTING):
                 return  # the notice's operation came first
             lost = self.keeper.lease is None
-        self._enter_suspended(None, 0, "by the kernel", lost)
+        saved = (kernel.saved if kernel is not None else None) or {}
+        self._enter_suspended(saved.get("path"), saved.get("bytes") or 0, "by the kernel", lost)
 
     def link_lost(self, why: str) -> None:
         self._link_drops += 1
@@ -721,8 +745,9 @@ class KernelSession:
                 self._phase = advance(self._phase, Event.LINK_LOST)
             else:
                 return  # a suspend or resume under way meets the failure itself
-        self.proxy.detach()
-        self.proxy.notify_running_cell(
+        self._to_proxy("detach")
+        self._to_proxy(
+            "notify_running_cell",
             f"Shared GPU: lost the connection to {where} ({why}); reconnecting. The kernel "
             "keeps running there; nothing is lost."
         )
@@ -740,7 +765,7 @@ class KernelSession:
             self._phase = advance(self._phase, Event.LINK_RESTORED)
         self.message = None
         self._new_control(kernel)
-        self.proxy.attach(upstream, same_kernel=True)
+        self._to_proxy("attach", upstream, "127.0.0.1", True)
         self._info_wanted.set()
         self._say("reconnected to the kernel")
 
@@ -767,7 +792,7 @@ class KernelSession:
             f"{why}; the kernel saves its state there when it stops hearing from us; run a "
             "cell to resume it once the host is back"
         )
-        self.proxy.stand_in(self.wake)
+        self._to_proxy("stand_in", self.wake)
 
     # ---- Jupyter's process-like calls -----------------------------------------------------------
 
@@ -780,7 +805,9 @@ class KernelSession:
                 return self.exit_code if self.exit_code is not None else 0
             if phase is Phase.CLOSED:
                 return 0
-            if self._ending and phase not in WITH_PROCESS:
+            if self._ending and phase is not Phase.RUNNING:
+                # a shutdown: whatever is under way (queue, restore, save, reconnect) was
+                # cancelled; the clean-up ends what is left on the host (``close``)
                 return 0
         return None
 
@@ -807,21 +834,15 @@ class KernelSession:
             self.link.ctl("signal", _deadline(CLOSE_STEP), signum)
 
     def kill(self) -> None:
-        """End the kernel process now (Jupyter's kill/terminate, or its shutdown timing out)."""
-        kernel = self.link.kernel
-        if self._phase not in WITH_PROCESS or kernel is None or kernel.exited.is_set():
-            return
-        with self._lock:
-            self._ending = True
-        try:
-            self.link.ctl("kill", _deadline(CLOSE_STEP))
-        except (SharedGPUError, Cancelled) as err:
-            log.warning("could not end kernel %s: %s", self.kernel_id, err)
-            self._kernel_may_run = True
+        """Jupyter's kill/terminate (or its shutdown timing out): the kernel counts as ended
+        now; the process on the host is ended by what comes next, the clean-up of a shutdown
+        (``close``, in the background) or of a restart (``prepare_restart``), so this never
+        waits on the network."""
+        self.shutdown_requested(restart=False)
         with self._lock:
             if self._phase in WITH_PROCESS:
                 self._phase = advance(self._phase, Event.END)
-                self.exit_code = 143
+                self.exit_code = 128 + _signal.SIGKILL
 
     def shutdown_requested(self, restart: bool) -> None:
         """Jupyter sent shutdown_request: stop any wait for a kernel; a kernel that has no
@@ -869,14 +890,32 @@ class KernelSession:
     # ---- shutdown --------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Shutdown: end the kernel on its host, release the lease (saying when the kernel may
-        still run, so the broker fences it first), delete saved state, free local ports."""
+        """Shutdown: cancel what is under way and free the local ports now; end the kernel on
+        its host, release the lease (saying when the kernel may still run, so the broker fences
+        it first) and delete saved state in a thread (``closed`` is set when done), so Jupyter
+        has its answer at once. The thread is not a daemon: a Jupyter server that exits waits
+        for it (each of its steps is bounded)."""
         with self._lock:
-            if self._phase is Phase.CLOSED:
+            if self._phase is Phase.CLOSED or self._closing:
                 return
-            self._ending = True
+            self._ending = self._closing = True
         self._cancel_op("the kernel is shutting down")
         self._worker.shutdown(wait=False, cancel_futures=True)
+        self.proxy.close()
+        threading.Thread(
+            target=self._finish_close, name=f"session-close-{self.kernel_id[:8]}"
+        ).start()
+
+    def _finish_close(self) -> None:
+        try:
+            self._clean_up_for_good()
+        except Exception:  # the slot must still go back: say what failed
+            log.exception("kernel %s: the clean-up after shutdown failed", self.kernel_id)
+            self.keeper.release("kernel_may_run")
+        finally:
+            self.closed.set()
+
+    def _clean_up_for_good(self) -> None:
         self._wait_worker(CLOSE_STEP)
         kernel = self.link.kernel
         may_run = self._kernel_may_run
@@ -899,7 +938,6 @@ class KernelSession:
         self.keeper.close()
         self.link.close()
         self._drop_control()
-        self.proxy.close()
 
     def _wait_worker(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

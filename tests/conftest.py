@@ -17,7 +17,7 @@ def target_for(host: TestHost, keys: ClientKeys, python: str = sys.executable) -
     """A HostTarget that reaches ``host`` with strict host-key checking and the test key."""
     return HostTarget(
         name=host.name,
-        address="127.0.0.1",
+        address=host.address,
         port=host.port,
         user=host.user,
         key_file=str(keys.key_file),

@@ -49,7 +49,7 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
             "",
             "[[hosts]]",
             f'name = "{host.name}"',
-            'address = "127.0.0.1"',
+            f'address = "{host.address}"',
             f"port = {host.port}",
             f'user = "{host.user}"',
             f'key_file = "{keys.key_file}"',
@@ -61,6 +61,15 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
             "  simulated = true",
         ]
     return "\n".join(lines) + "\n"
+
+
+def shut_down(km: KernelManager, timeout: float = 15.0) -> None:
+    """Shut the kernel down as Jupyter does, then wait for the session's clean-up on the hosts
+    and at the broker (it runs after Jupyter has its answer)."""
+    session = getattr(km.provisioner, "session", None)
+    km.shutdown_kernel()
+    if session is not None:
+        assert session.closed.wait(timeout), "the kernel's clean-up did not finish"
 
 
 def vanish(session) -> None:
@@ -137,10 +146,15 @@ class Pool:
         return km, kc
 
     def close(self) -> None:
-        """Shut down the kernels still running, then stop the broker."""
+        """Shut down the kernels still running, wait for their clean-up, stop the broker."""
+        sessions = []
         for km in self.managers:
             if km.has_kernel:
+                sessions.append(getattr(km.provisioner, "session", None))
                 km.shutdown_kernel(now=True)
+        for session in sessions:
+            if session is not None:
+                session.closed.wait(15)
         self.stop()
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
@@ -153,6 +167,10 @@ class Pool:
         return json.loads(
             self.cli("status", "--json", "--url", self.url, token=self.admin_token).stdout
         )
+
+    def queued(self) -> int:
+        """How many lease requests wait in the broker's queue."""
+        return sum(1 for lease in self.status()["leases"] if lease["state"] == "queued")
 
     def slot_users(self) -> dict[str, str | None]:
         """slot id -> user holding it (None when free), from `gpu-broker status --json`."""

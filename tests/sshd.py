@@ -15,6 +15,10 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.netns import NetNamespace
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
@@ -79,19 +83,23 @@ class TestHost:
     keys: ClientKeys
     port: int = 0
     proc: subprocess.Popen | None = None
+    netns: NetNamespace | None = None  # run sshd in this namespace, on its address
+    runtime_root: Path | None = None  # default: <dir>/kernels (a shared one: an NFS home)
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.host_key = self.dir / "ssh_host_ed25519_key"
         pub = keygen(self.host_key).split()
         self.host_key_line = f"{pub[0]} {pub[1]}"
-        self.port = self.port or free_port()
+        self.address = self.netns.address if self.netns else "127.0.0.1"
+        self.port = self.port or (22 if self.netns else free_port())
         self.user = getpass.getuser()
-        self.runtime_root = self.dir / "kernels"
+        self.runtime_root = self.runtime_root or self.dir / "kernels"
 
     @property
     def known_hosts_line(self) -> str:
-        return f"[127.0.0.1]:{self.port} {self.host_key_line}"
+        where = self.address if self.port == 22 else f"[{self.address}]:{self.port}"
+        return f"{where} {self.host_key_line}"
 
     def _write_config(self) -> Path:
         config = self.dir / "sshd_config"
@@ -99,7 +107,7 @@ class TestHost:
             "\n".join(
                 [
                     f"Port {self.port}",
-                    "ListenAddress 127.0.0.1",
+                    f"ListenAddress {self.address}",
                     f"HostKey {self.host_key}",
                     f"PidFile {self.dir / 'sshd.pid'}",
                     f"AuthorizedKeysFile {self.keys.authorized_keys}",
@@ -131,13 +139,16 @@ class TestHost:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         config = self._write_config()
         log = open(self.dir / "sshd.log", "ab")  # noqa: SIM115 - lives as long as the process
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stderr=log, stdout=log)
+        argv = [SSHD, "-D", "-e", "-f", str(config)]
+        if self.netns is not None:
+            argv = self.netns.exec_argv(argv)
+        self.proc = subprocess.Popen(argv, stderr=log, stdout=log)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"sshd exited: {(self.dir / 'sshd.log').read_text()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                with socket.create_connection((self.address, self.port), timeout=0.2):
                     return
             except OSError:
                 time.sleep(0.05)
@@ -150,11 +161,18 @@ class TestHost:
         self.proc = None
 
 
-def start_hosts(base: Path, keys: ClientKeys, names: list[str]) -> list[TestHost]:
-    """Start one sshd per name and add each host key to ``keys.known_hosts``."""
+def start_hosts(
+    base: Path, keys: ClientKeys, names: list[str], **options: object
+) -> list[TestHost]:
+    """Start one sshd per name and add each host key to ``keys.known_hosts``; ``options``
+    go to each ``TestHost`` (``netns`` takes a list, one namespace per host)."""
     hosts = []
-    for name in names:
-        host = TestHost(name=name, dir=base / name, keys=keys)
+    namespaces = options.pop("netns", None)
+    for i, name in enumerate(names):
+        extra = dict(options)
+        if namespaces is not None:
+            extra["netns"] = namespaces[i]  # type: ignore[index]
+        host = TestHost(name=name, dir=base / name, keys=keys, **extra)  # type: ignore[arg-type]
         host.start()
         hosts.append(host)
     with keys.known_hosts.open("a") as f:

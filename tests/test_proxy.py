@@ -323,3 +323,42 @@ def test_messages_helpers() -> None:
     assert m.msg_type([b"no", b"delimiter"]) is None
     assert m.header_msg_type(b"not json") is None
     assert m.delim_index([zmq.Frame(b"id"), zmq.Frame(m.DELIM)]) == 1
+
+
+def test_our_own_control_requests_never_show_as_the_kernels_state(
+    proxy: SessionProxy, client: BlockingKernelClient, kernel: KernelManager
+) -> None:
+    """JupyterLab shows Busy for the whole of a running cell, and the broker hears busy, while
+    the provisioner's own control requests (every heartbeat) come and go."""
+    from provisioner.kernel_control import KernelControl
+
+    control = KernelControl(_upstream(kernel)["control"], kernel.session.key)
+    proxy.configure_session(kernel.session.key)
+    proxy.set_own_sessions([control.session_id])
+    try:
+        msg_id = client.execute("import time; time.sleep(1.5)")
+        busy_seen = False
+        deadline = time.monotonic() + 1.2
+        while time.monotonic() < deadline:
+            assert control.request("kernel_info_request", {}, TIMEOUT)["status"] == "ok"
+            busy_seen = busy_seen or proxy.activity().busy
+            time.sleep(0.1)
+        assert busy_seen, "the broker must hear busy while a cell runs"
+        reply = client.get_shell_msg(timeout=TIMEOUT)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        states = []
+        while True:
+            msg = client.get_iopub_msg(timeout=TIMEOUT)
+            if msg["msg_type"] == "status":
+                assert msg["parent_header"].get("session") != control.session_id
+                states.append(
+                    (msg["parent_header"].get("msg_id"), msg["content"]["execution_state"])
+                )
+                if states[-1] == (msg_id, "idle"):
+                    break
+        cell = [state for parent, state in states if parent == msg_id]
+        assert cell == ["busy", "idle"]
+        assert [s for s in states if s[0] != msg_id] == [], states
+        assert not proxy.activity().busy
+    finally:
+        control.close()

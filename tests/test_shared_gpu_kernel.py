@@ -16,7 +16,7 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.provisioning import KernelProvisionerFactory
 
-from tests.pool import Pool, vanish
+from tests.pool import Pool, shut_down, vanish
 
 
 def run(kc: BlockingKernelClient, code: str, timeout: float = 30) -> tuple[dict, list[dict]]:
@@ -135,7 +135,7 @@ def test_shutdown_frees_the_slot_and_leaves_no_process(pool: Pool, started):
     pid = int(where(kc)["pid"])
     assert any(pool.slot_users().values())
     kc.stop_channels()
-    km.shutdown_kernel()
+    shut_down(km)
     assert not any(pool.slot_users().values())
     assert not pid_alive(pid)
 
@@ -146,7 +146,7 @@ def test_two_kernels_on_two_hosts_and_a_third_waits_for_a_free_slot(pool: Pool, 
     assert hosts == {h.name for h in pool.hosts}
 
     _, kc3 = started()  # lazy attach: ready at once, no slot taken yet
-    assert [lease["state"] for lease in pool.status()["leases"]].count("queued") == 0
+    assert pool.queued() == 0
     seen: list[dict] = []
     third: dict = {}
 
@@ -158,17 +158,17 @@ def test_two_kernels_on_two_hosts_and_a_third_waits_for_a_free_slot(pool: Pool, 
     waiter = threading.Thread(target=first_cell, daemon=True)
     waiter.start()
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "queued" not in str(pool.status()["leases"]):
+    while time.monotonic() < deadline and pool.queued() == 0:
         time.sleep(0.1)
     time.sleep(1)
     assert waiter.is_alive(), "the third kernel's cell ran although the pool was full"
-    assert [lease["state"] for lease in pool.status()["leases"]].count("queued") == 1
+    assert pool.queued() == 1
     shown = [m["content"]["data"]["text/plain"] for m in seen if "data" in m["content"]]
     assert "Waiting for a free GPU slot: position 1 of 1 in the queue" in shown
 
     freed_host = where(kc1)["host"]
     kc1.stop_channels()
-    km1.shutdown_kernel()
+    shut_down(km1)
     waiter.join(30)
     assert not waiter.is_alive(), "the third kernel did not start after a slot was released"
     assert third["reply"]["content"]["status"] == "ok"
@@ -201,7 +201,17 @@ def test_a_restarted_jupyter_server_reattaches_to_the_running_kernel(pool: Pool,
     _, out = run(kc2, "print(keep)")
     assert stdout_of(out).strip() == "me"
     assert where(kc2)["pid"] == first["pid"]
+    # the re-attached kernel suspends and resumes like any other
+    session = km2.provisioner.session
+    assert session.request_suspend("test")
+    deadline = time.monotonic() + 30
+    while session.phase.value != "suspended" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session.phase.value == "suspended"
+    _, out = run(kc2, "print(keep)")
+    assert stdout_of(out).strip().splitlines()[-1] == "me"
+    first = where(kc2)
     kc2.stop_channels()
-    km2.shutdown_kernel()
+    shut_down(km2)
     assert not any(pool.slot_users().values())
     assert not pid_alive(int(first["pid"]))

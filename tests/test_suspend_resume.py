@@ -15,7 +15,7 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
 from broker.client import BrokerClient
-from tests.pool import Pool, vanish
+from tests.pool import Pool, shut_down, vanish
 from tests.sshd import ClientKeys, TestHost
 
 STATE = r"""
@@ -214,7 +214,7 @@ def test_interrupt_restart_and_shutdown_while_suspended(idle_pool, kernel):
     run(kc, "again = 2")
     checkpoint = wait_suspended(idle_pool, km.kernel_id)
     kc.stop_channels()
-    km.shutdown_kernel()
+    shut_down(km)
     assert not Path(checkpoint["path"]).exists(), "shutdown must delete the checkpoint"
     status = idle_pool.status()
     assert not [c for c in status.get("checkpoints", []) if c["kernel_id"] == km.kernel_id]
@@ -306,3 +306,42 @@ def test_an_expired_checkpoint_is_explained_on_the_next_cell(make_idle_pool):
         assert content["status"] == "error" and content["ename"] == "ResumeFailed"
         assert "expired after 3s and was deleted" in content["evalue"]
         assert "restart the kernel" in content["evalue"]
+
+
+def test_hosts_sharing_a_home_directory_keep_a_resumed_kernel_alive(
+    tmp_path: Path, client_keys: ClientKeys, monkeypatch
+):
+    """Two hosts with one runtime root (an NFS home): resuming on the other host and cleaning
+    up the one it left must not touch the resumed kernel (its files are that host's own)."""
+    from tests.sshd import start_hosts
+
+    shared = tmp_path / "nfs-home-kernels"
+    hosts = start_hosts(tmp_path / "hosts", client_keys, ["nfsA", "nfsB"], runtime_root=shared)
+    pool = Pool(tmp_path / "pool", hosts, client_keys)
+    try:
+        pool.start()
+        pool.install_spec()
+        monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
+        km, kc = pool.start_kernel()
+        run(kc, "kept = [1, 2, 3]")
+        first = last_line(run(kc, "import os; print(os.environ['SHARED_GPU_HOST'])")[1])
+        session = km.provisioner.session
+        assert session.request_suspend("test")
+        wait_suspended(pool, km.kernel_id)
+        other = BrokerClient(pool.url, pool.token("someone-else"))
+        taken = other.request_lease("sim", "other-kernel")
+        assert taken.host.name == first
+        content, printed = run(kc, "print(sum(kept), os.environ['SHARED_GPU_HOST'], os.getpid())")
+        assert content["status"] == "ok" and "Copying the saved state" in printed
+        total, host, pid = last_line(printed).split()
+        assert total == "6" and host != first
+        time.sleep(2)  # the old host's clean-up has run by now
+        assert os.path.exists(f"/proc/{pid}"), "cleaning up the old host killed the new kernel"
+        assert last_line(run(kc, "print(len(kept))")[1]) == "3"
+        assert (shared / host / km.kernel_id / "connection.json").exists()
+        assert not (shared / first / km.kernel_id).exists(), "the old host's files stayed"
+        other.release(taken.id)
+    finally:
+        pool.close()
+        for host in hosts:
+            host.stop()

@@ -5,7 +5,8 @@
 is copied over SSH, unless it is in the broker's shared ``checkpoint_dir``), and ``delete``
 when the state is no longer wanted (resumed elsewhere, restart, shutdown). ``target_for`` turns a
 lease's host into the SSH target the Jupyter server uses (its own key and known_hosts when the
-kernelspec names them).
+kernelspec names them). ``check_not_expired`` and ``forget`` ask and tell the broker about the
+checkpoint it records.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from broker.client import HostInfo
+from broker.client import BrokerClient, HostInfo
+from broker.errors import BrokerError
 from gpu_kernel import remote
 from gpu_kernel.cancel import CancelToken
 from gpu_kernel.checkpoint import format_bytes
@@ -125,3 +127,40 @@ def delete(
         log.warning("could not delete the saved state of %s on %s: %s", kernel_id, target.name, err)
         return False
     return True
+
+
+def host_info(target: HostTarget) -> HostInfo:
+    """The HostInfo of a host we reached (a lease that ended left none to copy it from)."""
+    return HostInfo(
+        name=target.name,
+        address=target.address,
+        port=target.port,
+        user=target.user,
+        key_file=target.key_file,
+        known_hosts=target.known_hosts_file,
+        python=target.python,
+    )
+
+
+def check_not_expired(client: BrokerClient, kernel_id: str) -> None:
+    """The broker deletes checkpoints older than its policy allows: say so, plainly (a broker
+    that cannot be asked is not a reason to refuse the resume)."""
+    try:
+        records = client.checkpoints(kernel_id)
+    except BrokerError as err:
+        log.info("could not ask the broker about the checkpoint: %s", err)
+        return
+    for record in records:
+        if record.get("state") == "expired":
+            raise SharedGPUError(
+                str(record.get("message") or "the saved state expired and was deleted"),
+                "restart the kernel to start with an empty namespace",
+            )
+
+
+def forget(client: BrokerClient, kernel_id: str) -> None:
+    """Tell the broker the checkpoint is gone (resumed or deleted)."""
+    try:
+        client.forget_checkpoint(kernel_id)
+    except BrokerError as err:
+        log.info("broker did not forget checkpoint of %s: %s", kernel_id, err)

@@ -35,10 +35,12 @@ from broker.errors import BrokerError
 from gpu_kernel.cancel import Cancelled, CancelToken
 from gpu_kernel.checkpoint import format_bytes
 from gpu_kernel.errors import SharedGPUError
-from gpu_kernel.protocol import PROTOCOL_VERSION, SUSPENDED_EXIT_CODE, LaunchReply, LaunchRequest
-from provisioner import saved_state
+from gpu_kernel.protocol import SUSPENDED_EXIT_CODE, LaunchReply
+from provisioner import kernel_steps, saved_state
 from provisioner.host_link import HostLink, KernelOnHost
-from provisioner.kernel_control import ControlBusy, KernelControl, KernelControlError
+from provisioner.kernel_control import KernelControl
+from provisioner.kernel_info import KernelInfo
+from provisioner.kernel_steps import CLEANUP_STEP, deadline, exit_text
 from provisioner.lease_keeper import LeaseKeeper, LeaseLost
 from provisioner.proxy import SessionProxy
 from provisioner.proxy_state import ProxyError
@@ -48,37 +50,8 @@ from provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)
 
-SUSPEND_TIMEOUT = 600.0  # writing 1 GiB of tensors takes seconds; a stuck kernel gets this long
-RESTORE_TIMEOUT = 600.0
-EXIT_TIMEOUT = 30.0  # from suspend_reply to the process being gone
-INFO_TIMEOUT = 5.0
-CLOSE_STEP = 5.0  # s each clean-up step of a shutdown may take (a dead link must not hang it)
 FORCED_REASONS = ("quota", "max_lease")
 DEFAULT_BUSY_GRACE = 60.0
-
-
-class ResumeError(SharedGPUError):
-    """The kernel's saved state could not be brought back."""
-
-
-def _deadline(seconds: float) -> CancelToken:
-    """A token that cancels itself after ``seconds`` (bounds one clean-up step)."""
-    token = CancelToken()
-    timer = threading.Timer(seconds, token.cancel, args=(f"took longer than {seconds:g} s",))
-    timer.daemon = True
-    timer.start()
-    return token
-
-
-def _exit_text(code: int | None) -> str:
-    if code is None:
-        return "with no exit code"
-    if code > 128 and code - 128 < _signal.NSIG:
-        try:
-            return f"killed by {_signal.Signals(code - 128).name}"
-        except ValueError:
-            pass
-    return f"with exit code {code}"
 
 
 class KernelSession:
@@ -121,8 +94,7 @@ class KernelSession:
         self._suspend_pending = False
         self._ending = False  # Jupyter asked for a shutdown or restart
         self._kernel_may_run = False  # a kill or clean-up could not reach the host
-        self._info_wanted = threading.Event()
-        self._info_thread: threading.Thread | None = None
+        self.info = KernelInfo(kernel_id, lambda: (self.control, self.keeper.lease))
         self._own_sessions: list[str] = []
         self._link_drops = 0  # link_lost calls so far (an operation notices a drop mid-way)
         self._closing = False
@@ -249,7 +221,7 @@ class KernelSession:
         failed = "ResumeFailed" if resuming else "StartFailed"
         try:
             if resuming:
-                self._check_not_expired()
+                self._with_broker(saved_state.check_not_expired, self.kernel_id)
                 say("Shared GPU: resuming the kernel; asking for a GPU slot")
             else:
                 say("Shared GPU: starting the kernel; asking for a GPU slot")
@@ -302,103 +274,51 @@ class KernelSession:
             path, copied = saved_state.bring_to(
                 saved, self.kernel_id, self.settings, conn, target, self._shared_dir(), token, say
             )
-        key, scheme, env = self._launch_args
-        request = LaunchRequest(
-            protocol=PROTOCOL_VERSION,
-            kernel_id=self.kernel_id,
-            key=key.decode("ascii"),
-            signature_scheme=scheme,
-            cuda_visible_devices=lease.slot.device or "",
-            host_name=lease.host.name,
-            slot_id=lease.slot.id,
-            owner=lease.user,
-            env=env,
-        )
+        request = kernel_steps.launch_request(self.kernel_id, lease, *self._launch_args)
         say(f"Shared GPU: starting the kernel on {lease.host.name} slot {lease.slot.id}")
         kernel = self.link.launch(request, token)
-        self._new_control(kernel)
-        self._tell_kernel(lease, wait=True)  # %gpu knows its lease from the first moment
+        control = self._new_control(kernel)
+        self.info.send_now(control, lease)  # %gpu knows its lease from the first moment
         if saved is not None:
-            self._restore(kernel, lease, path, token, say, started)
-        if saved is None:
+            drops = self._link_drops
+            kernel_steps.restore(
+                control,
+                kernel,
+                lease,
+                path,
+                token,
+                say,
+                started if started is not None else time.monotonic(),
+                lambda: self._link_drops != drops,
+            )
+        else:
             self.proxy.clear_status()
         self.proxy.attach(kernel.upstream)  # the waiting cells run now
         self.exit_code = None
-        self._start_info_thread()
         if saved is not None:
             self.saved = None
             if copied:
                 saved_state.delete(
-                    saved, self.kernel_id, self.settings, self._shared_dir(), _deadline(CLOSE_STEP)
+                    saved, self.kernel_id, self.settings, self._shared_dir(), deadline(CLEANUP_STEP)
                 )
-            self._forget_checkpoint()
+            self._with_broker(saved_state.forget, self.kernel_id)
         if saved is None:
             self._say(
                 f"running on {lease.host.name} ({kernel.reply.hostname}), slot "
                 f"{lease.slot.id}, CUDA_VISIBLE_DEVICES={lease.slot.device}"
             )
 
-    def _restore(
-        self,
-        kernel: KernelOnHost,
-        lease: Lease,
-        path: str | None,
-        token: CancelToken,
-        say: Callable[[str], None],
-        started: float | None,
-    ) -> None:
-        control = self.control
-        assert control is not None and lease.host is not None and lease.slot is not None
-        drops = self._link_drops
-
-        def died() -> str | None:
-            if kernel.exited.is_set():
-                return f"the kernel died while restoring ({_exit_text(kernel.exit_code)})"
-            if self._link_drops != drops:
-                return f"the connection to {lease.host.name} dropped while the kernel restored"
-            return None
-
-        try:
-            reply = control.request(
-                "restore_request", {"checkpoint": path}, RESTORE_TIMEOUT, token, stop=died
-            )
-        except KernelControlError as err:
-            raise ResumeError(
-                err.message,
-                "the saved state is kept; run the cell again to retry, or restart the kernel "
-                "to start with an empty namespace (see kernel.log in the kernel's runtime dir "
-                f"on {lease.host.name})",
-            ) from err
-        if reply.get("status") != "ok":
-            raise ResumeError(
-                f"the saved state was refused: {reply.get('evalue') or reply}",
-                "restart the kernel to start with an empty namespace",
-            )
-        restored = reply.get("restored") or []
-        total = f", {time.monotonic() - started:.1f}s in all" if started is not None else ""
-        say(
-            f"Resumed on {lease.host.name} slot {lease.slot.id}: restored {len(restored)} "
-            f"variables ({format_bytes(int(reply.get('bytes') or 0))}) in "
-            f"{float(reply.get('seconds') or 0):.1f}s{total}"
-        )
-        for item in reply.get("dropped") or []:
-            say(f"  not restored: {item.get('name')}: {item.get('reason')}")
-
     def _undo_start(self, token: CancelToken) -> None:
         """A start or resume failed: end the kernel it launched, give back the lease."""
         kernel = self.link.kernel
         may_run = False
         if kernel is not None and not kernel.exited.is_set():
-            try:
-                self.link.ctl("kill", _deadline(CLOSE_STEP))
-            except (SharedGPUError, Cancelled) as err:
-                log.warning("could not end the kernel %s: %s", self.kernel_id, err)
-                may_run = True
+            may_run = not kernel_steps.end_kernel(self.link)
         self.link.drop_kernel()
         self._drop_control()
         self.keeper.release("kernel_may_run" if may_run else "released")
 
-    def _new_control(self, kernel: KernelOnHost) -> None:
+    def _new_control(self, kernel: KernelOnHost) -> KernelControl:
         assert self._launch_args is not None
         key, scheme, _ = self._launch_args
         self._drop_control()
@@ -406,35 +326,18 @@ class KernelSession:
         self._own_sessions.append(control.session_id)
         self.proxy.set_own_sessions(self._own_sessions)
         self.control = control
+        return control
 
     def _drop_control(self) -> None:
         control, self.control = self.control, None
         if control is not None:
             control.close()
 
-    def _check_not_expired(self) -> None:
-        """The broker deletes checkpoints older than its policy allows: say so, plainly."""
+    def _with_broker(self, call: Callable[..., Any], *args: Any) -> Any:
+        """``call(client, *args)`` with a client of its own (clients are not thread-safe)."""
         client = self._make_client()
         try:
-            records = client.checkpoints(self.kernel_id)
-        except BrokerError as err:
-            log.info("could not ask the broker about the checkpoint: %s", err)
-            return
-        finally:
-            client.close()
-        for record in records:
-            if record.get("state") == "expired":
-                raise ResumeError(
-                    str(record.get("message") or "the saved state expired and was deleted"),
-                    "restart the kernel to start with an empty namespace",
-                )
-
-    def _forget_checkpoint(self) -> None:
-        client = self._make_client()
-        try:
-            client.forget_checkpoint(self.kernel_id)
-        except BrokerError as err:
-            log.info("broker did not forget checkpoint of %s: %s", self.kernel_id, err)
+            return call(client, *args)
         finally:
             client.close()
 
@@ -444,59 +347,10 @@ class KernelSession:
         shared = lease.policy.get("checkpoint_dir") if lease is not None else None
         return shared if isinstance(shared, str) and shared else None
 
-    # ---- the kernel's lease info (%gpu) and keepalive --------------------------------------------
-
-    def _start_info_thread(self) -> None:
-        if self._info_thread is None or not self._info_thread.is_alive():
-            self._info_thread = threading.Thread(
-                target=self._info_loop, name=f"kernel-info-{self.kernel_id[:8]}", daemon=True
-            )
-            self._info_thread.start()
-
-    def _info_loop(self) -> None:
-        while self._phase is not Phase.CLOSED:
-            self._info_wanted.wait()
-            self._info_wanted.clear()
-            lease = self.keeper.lease
-            try:
-                if lease is not None and self._phase is Phase.RUNNING:
-                    self._tell_kernel(lease, wait=False)
-            except Exception:  # never die in silence: %gpu and the orphan watchdog need it
-                log.exception("kernel %s: telling the kernel its lease failed", self.kernel_id)
-
-    def _tell_kernel(self, lease: Lease, wait: bool) -> None:
-        """Share the lease with the kernel (for %gpu); it also keeps the orphan watchdog quiet."""
-        control = self.control
-        if control is None or lease.slot is None or lease.host is None:
-            return
-        info = {
-            "lease": {
-                "id": lease.id,
-                "host": lease.host.name,
-                "slot": lease.slot.id,
-                "kind": lease.slot.kind,
-                "device": lease.slot.device,
-                "granted_at": lease.granted_at,
-                "user": lease.user,
-            },
-            "queue": {"length": lease.queue_length},
-            "policy": {**lease.policy, "heartbeat_interval": lease.heartbeat_interval},
-            "quota": lease.quota,
-        }
-        try:
-            if wait:
-                control.request("shared_gpu_info", info, INFO_TIMEOUT)
-            else:
-                control.try_request("shared_gpu_info", info, INFO_TIMEOUT)
-        except ControlBusy:
-            pass  # a suspend or restore is talking to the kernel: it knows we are here
-        except (KernelControlError, OSError) as err:
-            log.debug("kernel %s did not take shared_gpu_info: %s", self.kernel_id, err)
-
     # ---- the lease keeper's events (its thread; return at once) ----------------------------------
 
     def lease_info(self, lease: Lease) -> None:
-        self._info_wanted.set()
+        self.info.wanted()
 
     def lease_order(self, order: dict[str, Any]) -> None:
         if order.get("order") != "suspend":
@@ -540,7 +394,14 @@ class KernelSession:
     ) -> None:
         try:
             if forced and self.proxy.activity().busy:
-                self._stop_the_cell(token, reason, grace)
+                kernel_steps.stop_running_cell(
+                    lambda: self.proxy.activity().busy,
+                    self.proxy.notify_running_cell,
+                    self.interrupt,
+                    token,
+                    reason,
+                    grace,
+                )
             with self._lock:
                 kernel, control = self.link.kernel, self.control
                 if self._phase is not Phase.RUNNING or kernel is None or control is None:
@@ -550,28 +411,6 @@ class KernelSession:
         finally:
             with self._lock:
                 self._suspend_pending = False
-
-    def _stop_the_cell(self, token: CancelToken, reason: str, grace: float) -> None:
-        """A forced suspend of a busy kernel: say so in the cell, interrupt after ``grace``."""
-        why = {
-            "quota": "your daily GPU quota is used up",
-            "max_lease": "this kernel has held its GPU for the longest time the pool allows",
-            "lease ended": "the broker ended this kernel's lease (it could not hear from us)",
-        }.get(reason, f"the broker asks this kernel to give its GPU back ({reason})")
-        self.proxy.notify_running_cell(
-            f"Shared GPU: {why}: this cell will be interrupted in {grace:.0f}s and the kernel "
-            "suspended, with its variables saved; the next cell resumes it when a GPU is free"
-        )
-        deadline = time.monotonic() + grace
-        while self.proxy.activity().busy and time.monotonic() < deadline:
-            if token.wait(0.2):
-                token.check()
-        if self.proxy.activity().busy:
-            self.interrupt()
-            deadline = time.monotonic() + 10.0
-            while self.proxy.activity().busy and time.monotonic() < deadline:
-                if token.wait(0.1):
-                    token.check()
 
     def _suspend(
         self,
@@ -587,51 +426,24 @@ class KernelSession:
         shared = self._shared_dir()
         if shared and lease is not None:
             request["checkpoint"] = f"{shared}/{lease.user}/{self.kernel_id}"
-
-        def exited() -> str | None:
-            return "the kernel exited" if kernel.exited.is_set() else None
-
-        busy = False
         try:
-            reply = control.request("suspend_request", request, SUSPEND_TIMEOUT, token, exited)
-            if reply.get("status") != "ok":
-                busy = reply.get("ename") == "KernelBusy"
-                raise KernelControlError(
-                    f"the kernel could not suspend: {reply.get('evalue') or reply}"
-                )
+            result = kernel_steps.ask_to_save(control, kernel, self.link, request, token)
         except Cancelled:
-            return  # shutting down: the closer ends the kernel
-        except KernelControlError as err:
-            if kernel.exited.is_set() and kernel.exit_code == SUSPENDED_EXIT_CODE:
-                reply = {}  # it saved and exited; the reply was lost with the link
-            else:
-                log.warning("kernel %s stays running: %s", self.kernel_id, err)
-                self.message = err.message
-                with self._lock:
-                    if self._phase is Phase.SUSPENDING:
-                        self._phase = advance(self._phase, Event.REFUSED)
-                if not busy:  # a real failure (disk full...): the user must hear of it
-                    self.proxy.notice_next_cell(
-                        f"Shared GPU: {err.message} ({reason}); the kernel keeps running, "
-                        "with its variables, on its GPU"
-                    )
-                self.proxy.release()
-                return
-        if not kernel.exited.wait(EXIT_TIMEOUT):
-            log.warning("kernel %s did not exit after saving; killing it", self.kernel_id)
-            try:
-                self.link.ctl("kill", _deadline(CLOSE_STEP))
-            except (SharedGPUError, Cancelled) as err:
-                log.warning("could not kill kernel %s: %s", self.kernel_id, err)
-        saved = kernel.saved or {}  # the watch's word, when the reply was lost
-        path = reply.get("checkpoint", saved.get("path"))
-        nbytes = reply.get("bytes", saved.get("bytes"))
-        self._enter_suspended(
-            path if isinstance(path, str) else None,
-            nbytes if isinstance(nbytes, int) else 0,
-            reason,
-            lost,
-        )
+            return  # shutting down: the clean-up ends the kernel
+        if not result.saved:
+            log.warning("kernel %s stays running: %s", self.kernel_id, result.error)
+            self.message = result.error
+            with self._lock:
+                if self._phase is Phase.SUSPENDING:
+                    self._phase = advance(self._phase, Event.REFUSED)
+            if not result.busy:  # a real failure (disk full...): the user must hear of it
+                self.proxy.notice_next_cell(
+                    f"Shared GPU: {result.error} ({reason}); the kernel keeps running, with "
+                    "its variables, on its GPU"
+                )
+            self.proxy.release()
+            return
+        self._enter_suspended(result.path, result.bytes, reason, lost)
 
     def _enter_suspended(
         self, path: str | None, nbytes: int, reason: str, lost: bool = False
@@ -641,7 +453,7 @@ class KernelSession:
         target = self.link.target
         host = lease.host if lease is not None else None
         if host is None and self.saved is None and target is not None:
-            host = self._host_info(target)
+            host = saved_state.host_info(target)
         if host is not None:
             self.saved = SavedState(host, path, nbytes, reason, time.time())
         checkpoint = None
@@ -668,20 +480,6 @@ class KernelSession:
             "given back; the next cell resumes the kernel"
         )
 
-    def _host_info(self, target: Any) -> Any:
-        """A HostInfo for the current link target (a lease that ended left none)."""
-        from broker.client import HostInfo
-
-        return HostInfo(
-            name=target.name,
-            address=target.address,
-            port=target.port,
-            user=target.user,
-            key_file=target.key_file,
-            known_hosts=target.known_hosts_file,
-            python=target.python,
-        )
-
     def _kernel_said_suspended(self, notice: dict) -> None:
         """The kernel's IOPub notice (``%gpu suspend``): it saved itself and is exiting."""
         self._submit("saved itself", lambda token: self._op_saved_itself(token, notice))
@@ -691,11 +489,8 @@ class KernelSession:
         with self._lock:
             if self._phase not in (Phase.RUNNING, Phase.RECONNECTING) or kernel is None:
                 return
-        if not kernel.exited.wait(EXIT_TIMEOUT):
-            try:
-                self.link.ctl("kill", _deadline(CLOSE_STEP))
-            except (SharedGPUError, Cancelled) as err:
-                log.warning("could not kill kernel %s: %s", self.kernel_id, err)
+        if not kernel.exited.wait(kernel_steps.EXIT_TIMEOUT):
+            kernel_steps.end_kernel(self.link)
         path, nbytes = notice.get("checkpoint"), notice.get("bytes")
         self._enter_suspended(
             path if isinstance(path, str) else None,
@@ -722,8 +517,8 @@ class KernelSession:
                 self.exit_code = code if code is not None else -1
             ending = self._ending
         if not ending:
-            self.message = f"the kernel process ended {_exit_text(code)}"
-            log.warning("kernel %s ended %s", self.kernel_id, _exit_text(code))
+            self.message = f"the kernel process ended {exit_text(code)}"
+            log.warning("kernel %s ended %s", self.kernel_id, exit_text(code))
         self._to_proxy("detach")
 
     def _op_exited_saved(self, token: CancelToken) -> None:
@@ -749,7 +544,7 @@ class KernelSession:
         self._to_proxy(
             "notify_running_cell",
             f"Shared GPU: lost the connection to {where} ({why}); reconnecting. The kernel "
-            "keeps running there; nothing is lost."
+            "keeps running there; nothing is lost.",
         )
 
     def link_retrying(self, attempt: int, why: str, next_in: float) -> None:
@@ -766,7 +561,7 @@ class KernelSession:
         self.message = None
         self._new_control(kernel)
         self._to_proxy("attach", upstream, "127.0.0.1", True)
-        self._info_wanted.set()
+        self.info.wanted()
         self._say("reconnected to the kernel")
 
     def link_gave_up(self, why: str) -> None:
@@ -782,7 +577,7 @@ class KernelSession:
         lease, target = self.keeper.lease, self.link.target
         host = lease.host if lease is not None else None
         if host is None and target is not None:
-            host = self._host_info(target)
+            host = saved_state.host_info(target)
         if host is not None:
             self.saved = SavedState(host, None, 0, "host unreachable", time.time())
         self.link.drop_kernel()
@@ -831,7 +626,7 @@ class KernelSession:
             self.interrupt()
             return
         if self._phase is Phase.RUNNING:
-            self.link.ctl("signal", _deadline(CLOSE_STEP), signum)
+            self.link.ctl("signal", deadline(CLEANUP_STEP), signum)
 
     def kill(self) -> None:
         """Jupyter's kill/terminate (or its shutdown timing out): the kernel counts as ended
@@ -865,10 +660,7 @@ class KernelSession:
         self._cancel_op("the kernel is restarting")
         kernel = self.link.kernel
         if kernel is not None and not kernel.exited.is_set():
-            try:
-                self.link.ctl("kill", _deadline(CLOSE_STEP))
-            except (SharedGPUError, Cancelled) as err:
-                log.warning("could not end kernel %s before a restart: %s", self.kernel_id, err)
+            kernel_steps.end_kernel(self.link)
         self.link.drop_kernel()
         self._drop_control()
         self.proxy.forget_kernel()
@@ -883,9 +675,9 @@ class KernelSession:
         saved, self.saved = self.saved, None
         if saved is not None:
             saved_state.delete(
-                saved, self.kernel_id, self.settings, self._shared_dir(), _deadline(CLOSE_STEP)
+                saved, self.kernel_id, self.settings, self._shared_dir(), deadline(CLEANUP_STEP)
             )
-            self._forget_checkpoint()
+            self._with_broker(saved_state.forget, self.kernel_id)
 
     # ---- shutdown --------------------------------------------------------------------------------
 
@@ -916,25 +708,25 @@ class KernelSession:
             self.closed.set()
 
     def _clean_up_for_good(self) -> None:
-        self._wait_worker(CLOSE_STEP)
+        self._wait_worker(CLEANUP_STEP)
         kernel = self.link.kernel
         may_run = self._kernel_may_run
         if kernel is not None and not kernel.exited.is_set():
             try:
-                self.link.ctl("cleanup", _deadline(CLOSE_STEP))
+                self.link.ctl("cleanup", deadline(CLEANUP_STEP))
             except (SharedGPUError, Cancelled) as err:
                 log.warning("could not end kernel %s on its host: %s", self.kernel_id, err)
                 may_run = True
         elif kernel is not None:
             try:
-                self.link.ctl("cleanup", _deadline(CLOSE_STEP))
+                self.link.ctl("cleanup", deadline(CLEANUP_STEP))
             except (SharedGPUError, Cancelled) as err:
                 log.info("could not remove the files of kernel %s: %s", self.kernel_id, err)
         self.keeper.release("kernel_may_run" if may_run else "released")
         self._discard_saved()
         with self._lock:
             self._phase = advance(self._phase, Event.CLOSE)
-        self._info_wanted.set()
+        self.info.close()
         self.keeper.close()
         self.link.close()
         self._drop_control()
@@ -988,7 +780,7 @@ class KernelSession:
             self._reattach_saved(lease, records)
             return
         assert lease.host is not None
-        token = _deadline(self.settings.launch_timeout)
+        token = deadline(self.settings.launch_timeout)
         self.link.open(target_for(lease.host, self.settings), token)
         kernel = self.link.adopt(reply, token)
         if kernel is None:
@@ -1001,8 +793,8 @@ class KernelSession:
         self._new_control(kernel)
         self.proxy.attach(kernel.upstream)
         self._advance(Event.ADOPT_RUNNING)
-        self._start_info_thread()
-        self._info_wanted.set()
+        self.info.send_now(self.control, lease)
+        self.info.wanted()
         self._say(f"re-attached to the kernel on {lease.host.name}")
 
     def _reattach_saved(self, lease: Lease, records: list[dict[str, Any]]) -> None:

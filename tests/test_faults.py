@@ -174,9 +174,11 @@ def test_a_restart_after_the_lease_expired_takes_a_new_lease(
     run(kc, "x = 1")
     session = km.provisioner.session
     old = session.lease
+    beat = session.keeper._beat
     session.keeper._beat = lambda: None  # the heartbeats stop getting through
     me = BrokerClient(fault_pool.url, fault_pool.user_token)
     wait_until(lambda: me.get_lease(old.id).state == "expired", 20, "the lease to expire")
+    session.keeper._beat = beat  # they would get through again, but the lease is gone
     wait_until(lambda: not km.is_alive() or phase_of(km) is not Phase.RUNNING, 20, "the fence")
     km.restart_kernel(now=True)
     kc.wait_for_ready(timeout=30)

@@ -5,7 +5,9 @@ a local python3 kernel, measured in the same run.
 
 Starts a real broker and one real sshd on loopback (as the tests do; needs openssh-server), then
 prints a table with both sides and their ratio. Not a test: timings on shared machines drift, so
-read the ratios.
+read the ratios. The Shared GPU kernel is measured both ways: with eager attach (the start takes
+the lease and launches, as a local start does) and with lazy attach (the default: the start
+takes nothing, and the first cell pays for the lease and the launch).
 """
 
 from __future__ import annotations
@@ -37,6 +39,26 @@ def time_start(make_km) -> tuple[float, KernelManager, object]:
     return time.perf_counter() - t0, km, kc
 
 
+def time_first_cell(make_km) -> tuple[float, float, KernelManager, object]:
+    """Seconds from start_kernel() to ready, and from the first cell's send to its output."""
+    km = make_km()
+    t0 = time.perf_counter()
+    km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    ready = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    msg_id = kc.execute("print('first')")
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") == msg_id and msg["msg_type"] == "stream":
+            break
+    first = time.perf_counter() - t1
+    kc.get_shell_msg(timeout=60)
+    return ready, first, km, kc
+
+
 def round_trips(kc, n: int) -> list[float]:
     """Milliseconds for execute_request('pass') -> execute_reply, n times (after a warm-up)."""
     for _ in range(20):
@@ -57,19 +79,28 @@ def p(values: list[float], q: float) -> float:
 
 
 def measure(label: str, make_km, starts: int, n: int) -> dict[str, float]:
-    start_times = []
-    for i in range(starts):
+    start_times, ready_times, first_cells = [], [], []
+    for _ in range(starts):
         seconds, km, kc = time_start(make_km)
         start_times.append(seconds)
-        if i < starts - 1:
-            kc.stop_channels()
-            km.shutdown_kernel(now=True)
-    rtt = round_trips(kc, n)
-    kc.stop_channels()
-    km.shutdown_kernel(now=True)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+        ready, first, km, kc = time_first_cell(make_km)
+        ready_times.append(ready)
+        first_cells.append(first)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    rtt = [float("nan")]
+    if n:
+        seconds, km, kc = time_start(make_km)
+        rtt = round_trips(kc, n)
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
     print(f"  {label}: done", file=sys.stderr)
     return {
         "start_s": statistics.median(start_times),
+        "ready_s": statistics.median(ready_times),
+        "first_cell_s": statistics.median(first_cells),
         "rtt_median_ms": statistics.median(rtt),
         "rtt_p99_ms": p(rtt, 0.99),
     }
@@ -90,7 +121,8 @@ def main() -> None:
         os.environ["SHARED_GPU_RUNTIME_ROOT"] = str(base / "kernels")
         try:
             pool.start()
-            pool.install_spec()
+            pool.install_spec(name="shared-gpu-eager", attach="eager")
+            pool.install_spec(name="shared-gpu")  # lazy: the default
             os.environ["SHARED_GPU_TOKEN"] = pool.user_token
             # alternate sides so drift on a shared machine hits both
             local = measure(
@@ -99,21 +131,30 @@ def main() -> None:
                 args.starts,
                 args.round_trips,
             )
-            shared = measure("Shared GPU", pool.kernel_manager, args.starts, args.round_trips)
+            eager = measure(
+                "Shared GPU (eager)",
+                lambda: pool.kernel_manager("shared-gpu-eager"),
+                args.starts,
+                args.round_trips,
+            )
+            lazy = measure("Shared GPU (lazy)", pool.kernel_manager, args.starts, 0)
         finally:
             pool.stop()
             for host in hosts:
                 host.stop()
 
     rows = [
-        ("start to first kernel_info_reply (s, median)", "start_s", 1.5),
-        ("execute round trip, median (ms)", "rtt_median_ms", 1.3),
-        ("execute round trip, p99 (ms)", "rtt_p99_ms", 2.0),
+        ("start to first kernel_info_reply (s, median)", "start_s", eager, 1.5),
+        ("execute round trip, median (ms)", "rtt_median_ms", eager, 1.3),
+        ("execute round trip, p99 (ms)", "rtt_p99_ms", eager, 2.0),
+        ("lazy: start to ready (s, median)", "ready_s", lazy, None),
+        ("lazy: first cell to its output (s, median)", "first_cell_s", lazy, None),
     ]
     print(f"\n{'measure':46} {'local':>9} {'Shared GPU':>11} {'ratio':>7} {'goal':>7}")
-    for label, key, goal in rows:
+    for label, key, shared, goal in rows:
         ratio = shared[key] / local[key]
-        print(f"{label:46} {local[key]:9.3f} {shared[key]:11.3f} {ratio:6.2f}x {goal:6.1f}x")
+        wanted = f"{goal:6.1f}x" if goal else "      -"
+        print(f"{label:46} {local[key]:9.3f} {shared[key]:11.3f} {ratio:6.2f}x {wanted}")
     print(
         f"\n({args.starts} starts, {args.round_trips} round trips each; Shared GPU = broker lease "
         "+ paramiko SSH to a loopback sshd + one tunnel + session proxy)"

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jupyter_client.manager import KernelManager
 
-from tests.pool import Pool
+from tests.pool import Pool, shut_down
 from tests.sshd import ClientKeys, start_hosts
 
 
@@ -80,16 +80,16 @@ def p(values: list[float], q: float) -> float:
 
 def measure(label: str, make_km, starts: int, n: int) -> dict[str, float]:
     start_times, ready_times, first_cells = [], [], []
-    for _ in range(starts):
+    for _ in range(starts):  # each start waits for the last one's clean-up (a one-slot pool)
         seconds, km, kc = time_start(make_km)
         start_times.append(seconds)
         kc.stop_channels()
-        km.shutdown_kernel(now=True)
+        shut_down(km)
         ready, first, km, kc = time_first_cell(make_km)
         ready_times.append(ready)
         first_cells.append(first)
         kc.stop_channels()
-        km.shutdown_kernel(now=True)
+        shut_down(km)
     rtt = [float("nan")]
     if n:
         seconds, km, kc = time_start(make_km)

@@ -37,12 +37,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from broker.auth import create_token
 from broker.client import BrokerClient
-from broker.config import parse_config
-from broker.scheduler import Lease
-from broker.server import BrokerServer
-from broker.store import Store
+from broker.config.loader import parse_config
+from broker.core.scheduler import Lease
+from broker.daemon import BrokerServer
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 
 LUA = Path(__file__).with_name("broker_pairs.lua")
 

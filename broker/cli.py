@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.durations import format_duration
+from broker.config.durations import format_duration
 from gpu_kernel.errors import SharedGPUError
 
 
@@ -121,13 +121,13 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _load(path: str) -> Any:
-    from broker.config import load_config
+    from broker.config.loader import load_config
 
     return load_config(path)
 
 
 def _store(config_path: str) -> Any:
-    from broker.store import Store
+    from broker.store.sqlite import Store
 
     return Store(_load(config_path).server.database)
 
@@ -136,7 +136,7 @@ def _store(config_path: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.server import serve
+    from broker.daemon import serve
 
     config = _load(args.config)
     logging.basicConfig(
@@ -322,7 +322,7 @@ def _age(now: float, since: float | None) -> str:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from broker.auth import create_token
+    from broker.http.auth import create_token
 
     store = _store(args.config)
     try:
@@ -356,7 +356,7 @@ def _write_private(path: Path, text: str) -> None:
 
 
 def cmd_token_list(args: argparse.Namespace) -> int:
-    from broker.auth import list_tokens
+    from broker.http.auth import list_tokens
 
     store = _store(args.config)
     try:
@@ -375,7 +375,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from broker.auth import revoke_token
+    from broker.http.auth import revoke_token
 
     store = _store(args.config)
     try:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from broker.auth import create_token
 from broker.cli import main
 from broker.client import BrokerClient, BrokerRequestError
-from broker.config import load_config
-from broker.server import BrokerServer
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 from tests.test_broker_api import _serve, _wait_up, free_port
 
 BASE = """

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from broker.cli import main
-from broker.config import load_config
-from broker.server import BrokerServer
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
 from tests.test_broker_api import free_port, write_config
 
 

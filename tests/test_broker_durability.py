@@ -11,10 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-from broker.auth import create_token
 from broker.client import BrokerClient, BrokerError
-from broker.config import load_config
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 from tests.test_broker_api import _serve, _wait_up, free_port
 
 CONFIG = """
@@ -109,7 +109,7 @@ def test_a_write_the_store_refuses_leaves_memory_as_the_disk(tmp_path: Path) -> 
 
     import pytest
 
-    from broker.service import BrokerService
+    from broker.service.service import BrokerService
     from tests.test_broker_api import write_config
 
     config = load_config(write_config(tmp_path))

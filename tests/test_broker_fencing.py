@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.auth import create_token
 from broker.client import BrokerClient
-from broker.config import load_config
-from broker.server import BrokerServer
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 from gpu_kernel import remote
 from gpu_kernel.ssh import HostTarget, connect
 from tests.conftest import target_for

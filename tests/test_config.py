@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ClassSession, Config, SlotConfig, load_config, parse_config
-from broker.durations import format_duration, parse_duration
+from broker.config.durations import format_duration, parse_duration
+from broker.config.loader import ClassSession, Config, SlotConfig, load_config, parse_config
+from broker.config.toml_check import LineIndex
 from broker.errors import ConfigError, ConfigIssue
-from broker.toml_check import LineIndex
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import HostConfig
-from broker.discovery import DiscoveryError, discover_slots, slots_from_probe
+from broker.config.loader import HostConfig
+from broker.hosts.discovery import DiscoveryError, discover_slots, slots_from_probe
 from gpu_kernel import nvml
 from tests import fake_nvml
 from tests.sshd import ClientKeys, TestHost

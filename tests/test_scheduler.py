@@ -6,8 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from broker.classes import ClassSession, GroupConfig
-from broker.scheduler import (
+from broker.core.groups import ClassSession, GroupConfig
+from broker.core.scheduler import (
     Dropped,
     Expired,
     Fenced,

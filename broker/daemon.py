@@ -1,83 +1,33 @@
 """The broker daemon: ``BrokerServer`` runs one ``BrokerService`` (``broker.service.service``) on a
 tornado IOLoop: ``gpu-broker serve`` through ``serve()``, tests through ``start_in_thread()``, with
 a periodic ``Tick`` driving heartbeat expiry, queue timeouts, idle suspends, fencing retries and
-checkpoint expiry. ``reload_config`` (SIGHUP, ``POST /api/v1/admin/reload``) loads the config file
-again and swaps it in without dropping a lease; a bad file is rejected and the old config stays.
+checkpoint expiry. SIGHUP reloads the config file (``broker.service.reload``) without dropping a
+lease; a bad file is rejected and the old config stays.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import getpass
 import logging
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import tornado.ioloop
 import tornado.netutil
 
-from broker.config.loader import Config, load_config
+from broker.config.loader import Config
 from broker.errors import ConfigError
+from broker.http.app import make_app, make_router
 from broker.http.front import HttpProtocol
-from broker.service.service import MAX_LEASES_PER_USER, BrokerService, LeaseRefused
+from broker.service.reload import reload_config
+from broker.service.service import BrokerService
 from broker.store.sqlite import Store
 
-__all__ = [
-    "MAX_LEASES_PER_USER",
-    "BrokerServer",
-    "BrokerService",
-    "LeaseRefused",
-    "load_for_serve",
-    "reload_config",
-    "serve",
-]
-
 log = logging.getLogger("broker")
-
-
-def resolve_auto_hosts(config: Config) -> Config:
-    """Probe ``gpus = "auto"`` hosts (``broker.hosts.discovery``) and fill in their slots."""
-    try:
-        from broker.hosts.discovery import discover_slots
-    except ImportError:
-        return config
-    for host in config.hosts:
-        if getattr(host, "auto_gpus", False):
-            slots = discover_slots(host, getpass.getuser())
-            config = config.with_slots(host.name, slots)  # type: ignore[attr-defined]
-    return config
-
-
-def load_for_serve(path: str | Path) -> Config:
-    """Read, check and complete (auto hosts probed) the config; raises ConfigError and, for a
-    host that cannot be probed, SharedGPUError."""
-    return resolve_auto_hosts(load_config(path))
-
-
-async def reload_config(service: BrokerService) -> Config:
-    """Load the service's config file again (in a thread: probing may use SSH) and swap it in.
-    A bad file raises ConfigError, each issue is logged, and the old config stays."""
-    loop = asyncio.get_running_loop()
-    try:
-        config = await loop.run_in_executor(None, load_for_serve, service.config.path)
-    except ConfigError as exc:
-        log.error("reload rejected, the old config stays: %d problem(s)", len(exc.issues))
-        for issue in exc.issues:
-            log.error("  %s", issue)
-        raise
-    service.reconfigure(config)
-    log.info(
-        "config reloaded from %s: %d hosts, %d slots",
-        config.path,
-        len(config.hosts),
-        len(config.slots),
-    )
-    return config
 
 
 class BrokerServer:
@@ -120,8 +70,6 @@ class BrokerServer:
 
     async def start(self) -> None:
         """Open the store, restore leases, listen. Call on the loop that will serve."""
-        from broker.http.handlers import make_app, make_router  # api imports this module
-
         self._store = Store(self.config.server.database, synchronous=self.synchronous)
         self._store.group_commit = self.group_commit
         self.service = BrokerService(self.config, self._store, clock=self.clock)

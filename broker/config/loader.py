@@ -14,11 +14,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from broker.config.groups import check_groups
 from broker.config.hosts import HostConfig, HostsChecker, SlotConfig
+from broker.config.policy import PolicyConfig, check_policy
 from broker.config.toml_check import LineIndex, syntax_issue
 from broker.core.groups import ClassSession as ClassSession  # re-exported: config's names
-from broker.core.groups import GroupConfig, check_groups
-from broker.core.policy import PolicyConfig, check_policy
+from broker.core.groups import GroupConfig
 from broker.errors import ConfigError, ConfigIssue
 
 if sys.version_info >= (3, 11):

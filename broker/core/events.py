@@ -1,8 +1,8 @@
 """The scheduler's vocabulary: events in, decisions out. Frozen dataclasses, no behaviour.
 
-The broker's service (``broker.daemon.BrokerService``) builds events from HTTP requests, admin
-commands and its periodic tick, passes each to ``broker.core.scheduler.Scheduler.handle`` and acts
-on the decisions it gets back (persist them, answer waiting clients, put orders in heartbeat
+The broker's service (``broker.service.service.BrokerService``) builds events from HTTP requests,
+admin commands and its periodic tick, passes each to ``broker.core.scheduler.Scheduler.handle`` and
+acts on the decisions it gets back (persist them, answer waiting clients, put orders in heartbeat
 replies, fence hosts over SSH). ``broker.core.scheduler`` re-exports every name here. Every decision
 has a ``lease_id``; every event a ``now`` (unix seconds).
 """

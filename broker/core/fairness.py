@@ -24,14 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from broker.core.groups import GroupConfig
-
-if TYPE_CHECKING:
-    from broker.core.leases import Lease
-
-ANY_KIND = "any"
+from broker.core.leases import ANY_KIND, Lease
 
 
 @dataclass(frozen=True)

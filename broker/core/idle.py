@@ -19,8 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from broker.core.fairness import ANY_KIND
-from broker.core.leases import Lease, since
+from broker.core.leases import ANY_KIND, Lease, since
 
 if TYPE_CHECKING:
     from broker.core.groups import GroupConfig

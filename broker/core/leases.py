@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from broker.core.fairness import ANY_KIND
-
 if TYPE_CHECKING:
     from broker.core.slots import SlotState
 
 LeaseState = Literal["queued", "granted", "released", "expired"]
+ANY_KIND = "any"  # a request that takes a slot of any kind
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,12 @@
 """The scheduler core: who gets which GPU slot, and when. Pure: no clock, no I/O, no tornado.
 
-Read it like h11's ``_state.py``. The broker's service (``broker.daemon.BrokerService``) turns
-each HTTP request, admin command and periodic tick into one *event* (``broker.core.events``:
+Read it like h11's ``_state.py``. The broker's service (``broker.service.service.BrokerService``)
+turns each HTTP request, admin command and periodic tick into one *event* (``broker.core.events``:
 ``RequestLease``, ``Release``, ``Heartbeat``, ``Tick``, ``SetDrain``, ``Reconfigure``, ``Fenced``,
-``ResetSlot``), calls ``Scheduler.handle(event)``, and gets back a list of *decisions*
-(``Granted``, ``Queued``, ``Released``, ``Expired``, ``Dropped``, ``Refused``, ``FenceNeeded``,
-``SuspendIdle``) that it persists in one transaction and acts on. Every event carries ``now``
-(unix seconds): the scheduler never reads a clock, so tests drive it with plain numbers.
+``ResetSlot``), calls ``Scheduler.handle(event)``, and gets back a list of *decisions* (``Granted``,
+``Queued``, ``Released``, ``Expired``, ``Dropped``, ``Refused``, ``FenceNeeded``, ``SuspendIdle``)
+that it persists in one transaction and acts on. Every event carries ``now`` (unix seconds): the
+scheduler never reads a clock, so tests drive it with plain numbers.
 
 Rules (``broker.core.fairness`` holds the order and the reservations, ``broker.core.quota`` the
 usage):
@@ -52,7 +52,6 @@ from broker.core.events import (
     Tick,
 )
 from broker.core.fairness import (
-    ANY_KIND,
     GrantContext,
     blocked,
     charge_group,
@@ -61,7 +60,7 @@ from broker.core.fairness import (
 )
 from broker.core.groups import GroupConfig
 from broker.core.idle import asked_recently, slot_wanted, suspend_reason, wanted_kinds
-from broker.core.leases import Lease, fits
+from broker.core.leases import ANY_KIND, Lease, fits
 from broker.core.policy import Policy, may_hold
 from broker.core.quota import UsageRecord, day_of, quota_message
 from broker.core.slots import Fence, SlotState
@@ -223,13 +222,14 @@ class Scheduler(SchedulerState):
                     decisions.append(Expired(lease.id, lease.slot_id))
                     fence = self.pool.fence_of(lease.slot_id)
                     assert fence is not None
-                    decisions.append(fence.decision())
+                    decisions.append(_fence_needed(fence))
             elif (
                 self.policy.queue_timeout > 0 and now - lease.created_at > self.policy.queue_timeout
             ):
                 self._end(lease, now)
                 decisions.append(Dropped(lease.id, "queue_timeout"))
-        decisions.extend(self.pool.fence_retries(now, self.policy.fence_retry))
+        retries = self.pool.fence_retries(now, self.policy.fence_retry)
+        decisions.extend(_fence_needed(fence) for fence in retries)
         decisions.extend(self._suspensions(now))
         decisions.extend(self._assign(now))
         if day_of(now) != self._pruned_day:
@@ -374,6 +374,10 @@ class Scheduler(SchedulerState):
                 return (False, index)
         index = self.pool.first_free(kind)
         return None if index is None else (True, index)
+
+
+def _fence_needed(fence: Fence) -> FenceNeeded:
+    return FenceNeeded(fence.slot_id, fence.lease_id, fence.host, fence.kernel_id)
 
 
 _ = ENDING  # re-exported

@@ -12,8 +12,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from broker.core.events import FenceNeeded
-
 FenceState = Literal["fencing", "unreachable"]
 
 
@@ -40,9 +38,6 @@ class Fence:
     kernel_id: str
     state: FenceState = "fencing"
     sent_at: float = float("-inf")  # when FenceNeeded was last issued
-
-    def decision(self) -> FenceNeeded:
-        return FenceNeeded(self.slot_id, self.lease_id, self.host, self.kernel_id)
 
 
 class SlotPool:
@@ -135,13 +130,13 @@ class SlotPool:
             self._fences[slot_id] = Fence(slot_id, lease_id, slot.host, kernel_id, sent_at=now)
         self._settle(slot_id)
 
-    def fence_retries(self, now: float, retry: float) -> list[FenceNeeded]:
-        """FenceNeeded again for each unreachable slot last asked ``retry`` seconds ago."""
+    def fence_retries(self, now: float, retry: float) -> list[Fence]:
+        """The unreachable slots last asked ``retry`` seconds ago (to ask again, now)."""
         out = []
         for slot_id, fence in list(self._fences.items()):
             if fence.state == "unreachable" and now - fence.sent_at >= retry:
                 self._fences[slot_id] = replace(fence, sent_at=now)
-                out.append(fence.decision())
+                out.append(self._fences[slot_id])
         return out
 
     def fenced(self, slot_id: str, ok: bool, now: float) -> None:

@@ -16,11 +16,13 @@ import tornado.web
 
 from broker.config.durations import parse_duration
 from broker.errors import ConfigError
+from broker.http import metrics
 from broker.http.auth import groups_of, may_act, taught_groups
-from broker.http.handlers import ApiError, BaseHandler
+from broker.http.calls import ApiError
+from broker.http.handlers import BaseHandler
 from broker.http.usage import to_csv, usage_report
 from broker.http.views import checkpoint_json
-from broker.service import metrics
+from broker.service.reload import reload_config
 from gpu_kernel.errors import SharedGPUError
 
 
@@ -55,8 +57,6 @@ class ReloadHandler(BaseHandler):
 
     async def post(self) -> None:
         self.require_role("admin")
-        from broker.daemon import reload_config  # server imports the API
-
         try:
             config = await reload_config(self.service)
         except ConfigError as exc:

@@ -23,21 +23,9 @@ from broker.core.leases import Lease
 from broker.http import calls
 from broker.http.auth import Identity
 from broker.http.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError, Call, Reply, authenticate
-from broker.http.routes import ApiRouter, log_access
-from broker.http.views import checkpoint_json, host_json, lease_json, slot_json, status_json
+from broker.http.routes import log_access
+from broker.http.views import lease_json, status_json
 from broker.service.service import BrokerService
-
-__all__ = [
-    "ApiError",
-    "BaseHandler",
-    "checkpoint_json",
-    "host_json",
-    "lease_json",
-    "make_app",
-    "make_router",
-    "slot_json",
-    "status_json",
-]
 
 log = logging.getLogger("broker.api")
 
@@ -183,29 +171,5 @@ class NotFoundHandler(BaseHandler):
         raise ApiError(404, "not_found", f"no such endpoint: {self.request.path}")
 
 
-def make_router(service: BrokerService) -> ApiRouter:
-    """The whole API as ``BrokerServer`` serves it: hot lease calls on the fast path."""
-    return ApiRouter(service, make_app(service))
-
-
-def make_app(service: BrokerService) -> tornado.web.Application:
-    from broker.http.admin import routes as admin_routes  # admin builds on this module
-
-    args = {"service": service}
-    return tornado.web.Application(
-        [
-            (r"/api/v1/leases", LeasesHandler, args),
-            (r"/api/v1/leases/([^/]+)", LeaseHandler, args),
-            (r"/api/v1/leases/([^/]+)/heartbeat", HeartbeatHandler, args),
-            (r"/api/v1/status", StatusHandler, args),
-            (r"/api/v1/whoami", WhoamiHandler, args),
-            *admin_routes(args),
-        ],
-        default_handler_class=NotFoundHandler,
-        default_handler_args=args,
-        log_function=_log_request,
-    )
-
-
-def _log_request(handler: tornado.web.RequestHandler) -> None:
+def log_request(handler: tornado.web.RequestHandler) -> None:
     log_access(handler.get_status(), handler.request)

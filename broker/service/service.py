@@ -21,7 +21,9 @@ from collections.abc import Callable
 import tornado.locks
 import tornado.util
 
-from broker.config.loader import Config, SlotConfig
+from broker.config.hosts import SlotConfig
+from broker.config.loader import Config
+from broker.config.policy import scheduler_policy as policy_of
 from broker.core.scheduler import (
     Decision,
     Dropped,
@@ -65,7 +67,7 @@ class LeaseRefused(BrokerError):
 
 def scheduler_policy(config: Config, max_leases_per_user: int | None = None) -> Policy:
     """The scheduler's Policy from the config's ``[policy]`` and groups."""
-    policy = Policy.from_config(config.policy, tuple(config.groups))
+    policy = policy_of(config.policy, config.groups)
     if max_leases_per_user is not None:
         policy = dataclasses.replace(policy, max_leases_per_user=max_leases_per_user)
     return policy

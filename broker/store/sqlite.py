@@ -1,6 +1,6 @@
 """The broker's durable state in one SQLite file: leases, tokens, and an audit log of events.
 
-``BrokerService`` (``broker.daemon``) opens one ``Store``, loads the live leases at start
+``BrokerService`` (``broker.service.service``) opens one ``Store``, loads the live leases at start
 (``live_leases``), and writes each handled scheduler event in ONE transaction (``transaction()``:
 the lease rows and the audit rows commit together or not at all). The CLI's ``token`` commands
 open the same file from another process (WAL lets them read and write beside the server).

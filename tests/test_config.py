@@ -375,6 +375,15 @@ def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
+@pytest.mark.parametrize("text, seconds", [("1d", 86400), ("250ms", 0.25), ("1.5h", 5400)])
+def test_kernelspec_reads_durations_as_the_broker_does(text: str, seconds: float) -> None:
+    """One parser for the broker config and the kernelspec: what one takes, the other takes."""
+    from provisioner.settings import ProvisionerSettings
+
+    settings = ProvisionerSettings.from_config({"broker_url": "http://b:1", "lease_timeout": text})
+    assert settings.lease_timeout == parse_duration(text) == seconds
+
+
 @pytest.mark.parametrize("seconds", [0.001, 1, 59.999, 61, 3599, 86400 * 3 + 7, 123456.789])
 def test_durations_round_trip(seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)

@@ -4,7 +4,9 @@
 ``LaunchRequest`` line on stdin, starts the kernel in its own session (so it outlives the SSH
 channel), waits until it listens, and prints one ``LaunchReply`` line. ``remote.status`` /
 ``signal`` / ``kill`` / ``cleanup`` run ``ctl``, which acts only on the process whose pid file is in
-the kernel's runtime dir and whose command line names that kernel's connection file.
+the kernel's runtime dir and whose command line names that kernel's connection file. ``fence``
+(``ctl KERNEL_ID fence``, and the fencing account's ``gpu_kernel.fence``) asks the kernel to
+save itself before it kills it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from gpu_kernel.errors import BadRequest
 from gpu_kernel.protocol import (
     PORT_NAMES,
     PROTOCOL_VERSION,
+    SAVE_SIGNAL,
+    SUSPENDED_EXIT_CODE,
     KernelStatus,
     LaunchReply,
     LaunchRequest,
@@ -299,6 +303,38 @@ def launch_record(rdir: Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def fence(rdir: Path, grace: float) -> dict:
+    """``ctl KERNEL_ID fence``: end the kernel in ``rdir``, letting it save first. Sends it
+    ``SAVE_SIGNAL`` (it saves its namespace as soon as no cell runs, then exits with
+    ``SUSPENDED_EXIT_CODE``), waits up to ``grace`` seconds for it to exit, then kills what is
+    left (SIGTERM, SIGKILL). Answers ``{"alive", "exit_code", "checkpoint"}``, where
+    ``checkpoint`` is ``{"path", "bytes"}`` when the kernel saved itself, else null. The runtime
+    dir is kept (``cleanup`` removes it). The fencing account's command
+    (``gpu_kernel.fence``) runs this."""
+    pid = _owned_pid(rdir)
+    if pid is not None:
+        with contextlib.suppress(OSError):  # gone meanwhile: nothing to ask
+            os.kill(pid, SAVE_SIGNAL)
+        deadline = time.monotonic() + max(0.0, grace)
+        while time.monotonic() < deadline and _owned_pid(rdir) is not None:
+            time.sleep(POLL_INTERVAL * 5)
+        if _owned_pid(rdir) is not None:
+            _kill_group(pid)
+    status = kernel_status(rdir)
+    checkpoint = None
+    if status.exit_code == SUSPENDED_EXIT_CODE:
+        checkpoint = saved_checkpoint(rdir / "checkpoint")
+    return {"alive": status.alive, "exit_code": status.exit_code, "checkpoint": checkpoint}
+
+
+def saved_checkpoint(path: Path) -> dict | None:
+    """``{"path", "bytes"}`` of a checkpoint directory with a manifest, else None."""
+    if path.is_symlink() or not (path / "manifest.json").is_file():
+        return None
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+    return {"path": str(path), "bytes": size}
+
+
 def ctl_main(
     kernel_id: str, action: str, signum: int | None, root: str | None, host_name: str
 ) -> KernelStatus:
@@ -318,5 +354,7 @@ def ctl_main(
             shutil.rmtree(rdir, ignore_errors=True)
             return status
     elif action != "status":
-        raise BadRequest(f"unknown ctl action {action!r}", "status, signal N, kill or cleanup")
+        raise BadRequest(
+            f"unknown ctl action {action!r}", "status, signal N, kill, fence or cleanup"
+        )
     return kernel_status(rdir)

@@ -32,12 +32,15 @@ class RequestLease:
     kernel_id: str
     now: float
     prefer_host: str | None = None  # a resumed kernel's checkpoint is there: no copy needed
+    request_id: str | None = None  # the client's id for this request (idempotent retries)
 
 
 @dataclass(frozen=True)
 class Release:
     """The lease's holder gives it back: "released", or "suspended" (the kernel saved its state
-    and ended). Either way the kernel is gone, so the slot is free at once (no fencing)."""
+    and ended): the kernel is gone, so the slot is free at once. "kernel_may_run": the holder
+    could not make sure its kernel ended (host unreachable at shutdown), so the slot is fenced
+    first, as for an expired lease."""
 
     lease_id: str
     now: float
@@ -127,10 +130,13 @@ class Released:
 
 @dataclass(frozen=True)
 class Expired:
-    """A granted lease missed its heartbeats; a ``FenceNeeded`` for its slot follows."""
+    """A granted lease ended without its holder: it missed its heartbeats
+    ("heartbeat_timeout"), or did not obey a "quota"/"max_lease" order within
+    ``Policy.obey_within`` ("suspend_ignored"). A ``FenceNeeded`` for its slot follows."""
 
     lease_id: str
     slot_id: str
+    reason: str = "heartbeat_timeout"
 
 
 @dataclass(frozen=True)
@@ -143,11 +149,13 @@ class Dropped:
 
 @dataclass(frozen=True)
 class Refused:
-    """A request that cannot be granted (unknown or forbidden kind, daily quota used); nothing
-    was stored. ``reason`` is for the user."""
+    """A request that cannot be granted (unknown or forbidden kind, daily quota used) or may not
+    wait (``code`` "queue_full": the user has ``max_queued_per_user`` waiting); nothing was
+    stored. ``reason`` is for the user."""
 
     lease_id: str
     reason: str
+    code: str = "refused"
 
 
 @dataclass(frozen=True)
@@ -165,8 +173,9 @@ class FenceNeeded:
 @dataclass(frozen=True)
 class SuspendIdle:
     """Ask the kernel of ``lease_id`` to checkpoint and end (an order in its next heartbeat
-    reply). ``reason``: "idle", "idle_while_queued", "max_lease" or "quota". Issued once per
-    lease, again after ``Policy.suspend_retry`` if the lease is still granted."""
+    reply). ``reason``: "idle", "idle_while_queued", "max_lease" or "quota"; the last two are
+    forced (``broker.core.idle.FORCED``: busy or not, within ``Policy.busy_grace``). Issued once
+    per lease, again after ``Policy.suspend_retry`` if the lease is still granted."""
 
     lease_id: str
     reason: str

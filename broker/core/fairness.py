@@ -22,7 +22,7 @@ count less the slots members already hold, and at most the number of members wit
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from broker.core.groups import GroupConfig
@@ -45,23 +45,41 @@ def grant_order(queued: Iterable[Lease], context: GrantContext | None = None) ->
     Without ``context``: arrival order."""
     if context is None:
         return sorted(queued, key=lambda lease: lease.seq)
+    return sorted(queued, key=order_key(context))
+
+
+def order_key(context: GrantContext) -> Callable[[Lease], tuple]:
+    """The sort key of ``grant_order``: a request's place, smallest first (unique: it ends with
+    the request's seq). ``context.usage`` and ``context.priority`` are read with ``.get``."""
+
+    per_user: dict[str, tuple[int, float]] = {}  # user -> (-priority, usage), asked once
+    in_session: dict[tuple[str, str], int] = {}  # (user, kind) -> 0 if a session serves it
 
     def key(lease: Lease) -> tuple:
         if context.now - lease.created_at >= context.aging_after:
             return (0, 0, 0, 0.0, lease.seq)
-        in_session = any(
-            lease.user in group.members and (lease.kind == ANY_KIND or group.allows(lease.kind))
-            for group in context.session_groups
-        )
-        return (
-            1,
-            0 if in_session else 1,
-            -context.priority.get(lease.user, 0),
-            context.usage.get(lease.user, 0.0),
-            lease.seq,
-        )
+        user = lease.user
+        mine = per_user.get(user)
+        if mine is None:
+            mine = (-context.priority.get(user, 0), context.usage.get(user, 0.0))
+            per_user[user] = mine
+        session = 1
+        if context.session_groups:
+            pair = (user, lease.kind)
+            if pair not in in_session:
+                in_session[pair] = 0 if _in_session(context, user, lease.kind) else 1
+            session = in_session[pair]
+        return (1, session, mine[0], mine[1], lease.seq)
 
-    return sorted(queued, key=key)
+    return key
+
+
+def _in_session(context: GrantContext, user: str, kind: str) -> bool:
+    """Is ``user`` a member of a group in session that allows ``kind`` (or "any")?"""
+    return any(
+        user in group.members and (kind == ANY_KIND or group.allows(kind))
+        for group in context.session_groups
+    )
 
 
 def groups_for(user: str, groups: Iterable[GroupConfig]) -> tuple[GroupConfig, ...]:

@@ -9,9 +9,13 @@ for the reason it gets. The reasons, first match wins:
 - a busy lease (a cell running) is never suspended for idleness;
 - ``"idle"``: no activity for ``policy.idle_suspend_after``;
 - ``"idle_while_queued"``: no activity for ``policy.idle_suspend_when_queued`` while a queued
-  request could use the slot (``wanted_kinds``, ``slot_wanted``).
+  request could use the slot (``wanted_kinds``, ``slot_wanted``: not a slot of a drained host,
+  which no queued request can get).
 
-Idle time counts from the last activity, and never from before the grant.
+"quota" and "max_lease" are ``FORCED``: the kernel must stop within ``policy.busy_grace`` even if
+a cell runs; a lease that still holds its slot ``policy.obey_within`` after the first such order
+is ended by the scheduler and fenced. Idle time counts from the last activity, and never from
+before the grant.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ if TYPE_CHECKING:
     from broker.core.slots import SlotState
 
 ANY_WANTED = "*"  # in wanted_kinds: some queued request takes any kind
+FORCED = ("quota", "max_lease")  # orders a busy kernel must obey too (after Policy.busy_grace)
 
 
 def asked_recently(lease: Lease, now: float, policy: Policy) -> bool:
@@ -84,5 +89,8 @@ def wanted_kinds(
 
 
 def slot_wanted(slot: SlotState | None, wanted: set[str]) -> bool:
-    """True when ``slot`` (still in the config) is of a kind in ``wanted``."""
-    return slot is not None and not slot.retired and (ANY_WANTED in wanted or slot.kind in wanted)
+    """True when a queued request could be served by ``slot`` once it is free: the slot is still
+    in the config, not on a drained host, and of a kind in ``wanted``."""
+    if slot is None or slot.retired or slot.drained:
+        return False
+    return ANY_WANTED in wanted or slot.kind in wanted

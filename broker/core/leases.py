@@ -33,11 +33,13 @@ class Lease:
     busy: bool = False
     last_activity: float | None = None
     ended_at: float | None = None
-    end_reason: str | None = None  # "released", "heartbeat_timeout", "queue_timeout"
+    end_reason: str | None = None  # "released", "heartbeat_timeout", "queue_timeout", ...
     group: str | None = None  # the group whose max_slots_per_user this lease counts against
     suspend_requested_at: float | None = None  # when SuspendIdle was last issued for it
     suspend_reason: str | None = None
+    forced_at: float | None = None  # first "quota"/"max_lease" order: obey by busy_grace
     prefer_host: str | None = None  # a free slot there goes first (not stored: lost on restart)
+    request_id: str | None = None  # the client's id for its request (a retry finds the lease)
 
 
 def fits(lease: Lease, slot: SlotState) -> bool:

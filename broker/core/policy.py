@@ -25,8 +25,16 @@ class Policy:
     usage_half_life: float = 86400.0
     fence_retry: float = 30.0
     suspend_retry: float = 300.0
+    busy_grace: float = 60.0  # a "quota" or "max_lease" order: seconds for the cell to end
+    max_queued_per_user: int = 3  # requests one user may have waiting at once
     aging_after: float | None = None  # None: 4 x idle_suspend_when_queued, at least 2 min
     groups: tuple[GroupConfig, ...] = ()
+
+    @property
+    def obey_within(self) -> float:
+        """Seconds after a forced order ("quota", "max_lease") after which the broker ends the
+        lease itself: the grace for the cell, then up to a heartbeat timeout for the save."""
+        return self.busy_grace + self.heartbeat_timeout
 
     @property
     def aging(self) -> float:

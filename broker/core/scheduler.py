@@ -26,6 +26,7 @@ usage):
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
@@ -58,13 +59,12 @@ from broker.core.fairness import (
     grant_order,
     reservation_needs,
 )
-from broker.core.groups import GroupConfig
-from broker.core.idle import asked_recently, slot_wanted, suspend_reason, wanted_kinds
+from broker.core.idle import FORCED, asked_recently, slot_wanted, suspend_reason, wanted_kinds
 from broker.core.leases import ANY_KIND, Lease, fits
 from broker.core.policy import Policy, may_hold
 from broker.core.quota import UsageRecord, day_of, quota_message
 from broker.core.slots import Fence, SlotState
-from broker.core.state import SchedulerState
+from broker.core.state import SchedulerState, quota_users
 
 __all__ = [
     "ANY_KIND",
@@ -116,16 +116,20 @@ class Scheduler(SchedulerState):
                 group = self._attribute(lease.user, slot.kind)
                 self._take(slot.id, replace(lease, last_heartbeat=now, group=group))
             else:
-                self._leases[lease.id] = replace(
-                    lease, state="queued", slot_id=None, granted_at=None, group=None
-                )
-                self._queue.append(lease.id)
+                queued = replace(lease, state="queued", slot_id=None, granted_at=None, group=None)
+                self._leases[lease.id] = queued
+                self._queue.add(queued)
+        self._now = now
+        self._queue.invalidate()
         return self._assign(now)
 
     # -- events ----------------------------------------------------------------------------
 
     def handle(self, event: Event) -> list[Decision]:
         """Apply one event; return what changed, in order."""
+        if not isinstance(event, Heartbeat | RequestLease) and event.now != self._now:
+            self._queue.invalidate()  # aging and usage move with time: sort again when read
+        self._now = event.now
         if isinstance(event, RequestLease):
             return self._request(event)
         if isinstance(event, Release):
@@ -138,6 +142,7 @@ class Scheduler(SchedulerState):
             self.pool.set_drain(event.host, event.drained)
             return self._assign(event.now)
         if isinstance(event, Reconfigure):
+            self._queue.invalidate()  # priorities and groups may have changed
             return self._reconfigure(event)
         if isinstance(event, Fenced):
             self.pool.fenced(event.slot_id, event.ok, event.now)
@@ -161,14 +166,26 @@ class Scheduler(SchedulerState):
             seq=self._next_seq,
             created_at=event.now,
             prefer_host=event.prefer_host,
+            request_id=event.request_id,
         )
         self._next_seq += 1
         self._leases[lease.id] = lease
-        self._queue.append(lease.id)
+        self._queue.add(lease)
         decisions = self._assign(event.now)
-        if lease.id in self._queue:
-            decisions.append(Queued(lease.id, self._queue.index(lease.id) + 1))
-        return decisions
+        if lease.id not in self._queue:
+            return decisions
+        most = self.policy.max_queued_per_user
+        if self._queue.count(lease.user) > most:
+            self._end(lease, event.now)  # it may not wait: as if it never came
+            reason = (
+                f"you already have {most} request{'s' if most != 1 else ''} waiting for a GPU "
+                f"slot (at most {most} per user): wait for one of them to be granted, or stop "
+                "a kernel that is waiting"
+            )
+            return [*decisions, Refused(lease.id, reason, "queue_full")]
+        position = self.position(lease.id)
+        assert position is not None
+        return [*decisions, Queued(lease.id, position)]
 
     def _refusal(self, user: str, kind: str, now: float) -> str | None:
         """Why a request can never be granted now, or None."""
@@ -192,16 +209,24 @@ class Scheduler(SchedulerState):
         lease = self._leases.get(event.lease_id)
         if lease is None:
             return []
-        self._end(lease, event.now)
-        return [Released(lease.id, lease.slot_id, event.reason), *self._assign(event.now)]
+        fence = event.reason == "kernel_may_run" and lease.slot_id is not None
+        self._end(lease, event.now, fence=fence)
+        out: list[Decision] = [Released(lease.id, lease.slot_id, event.reason)]
+        if fence:
+            assert lease.slot_id is not None
+            out.append(self._fence_needed(lease.slot_id))
+        return [*out, *self._assign(event.now)]
 
     def _heartbeat(self, event: Heartbeat) -> list[Decision]:
         lease = self._leases.get(event.lease_id)
         if lease is None:
             return []
         activity = event.last_activity if event.last_activity is not None else lease.last_activity
+        if activity is not None and lease.granted_at is not None:
+            activity = max(activity, lease.granted_at)  # idle time never counts from before it
         asked = lease.suspend_requested_at
-        if asked is not None and (event.busy or (activity is not None and activity > asked)):
+        used = event.busy or (activity is not None and asked is not None and activity > asked)
+        if asked is not None and used and lease.forced_at is None:
             asked = None  # used since we asked: that order is moot; decide afresh when idle again
         self._leases[lease.id] = replace(
             lease,
@@ -217,19 +242,22 @@ class Scheduler(SchedulerState):
         for lease in self.leases():
             if lease.state == "granted" and lease.slot_id is not None:
                 last = lease.last_heartbeat if lease.last_heartbeat is not None else now
+                reason = None
                 if now - last > self.policy.heartbeat_timeout:
+                    reason = "heartbeat_timeout"
+                elif _ignored(lease, now, self.policy):
+                    reason = "suspend_ignored"  # a forced order not obeyed: quotas must hold
+                if reason is not None:
                     self._end(lease, now, fence=True)
-                    decisions.append(Expired(lease.id, lease.slot_id))
-                    fence = self.pool.fence_of(lease.slot_id)
-                    assert fence is not None
-                    decisions.append(_fence_needed(fence))
+                    decisions.append(Expired(lease.id, lease.slot_id, reason))
+                    decisions.append(self._fence_needed(lease.slot_id))
             elif (
                 self.policy.queue_timeout > 0 and now - lease.created_at > self.policy.queue_timeout
             ):
                 self._end(lease, now)
                 decisions.append(Dropped(lease.id, "queue_timeout"))
         retries = self.pool.fence_retries(now, self.policy.fence_retry)
-        decisions.extend(_fence_needed(fence) for fence in retries)
+        decisions.extend(_need(fence) for fence in retries)
         decisions.extend(self._suspensions(now))
         decisions.extend(self._assign(now))
         if day_of(now) != self._pruned_day:
@@ -240,7 +268,7 @@ class Scheduler(SchedulerState):
     def _suspensions(self, now: float) -> list[Decision]:
         """SuspendIdle for each granted lease that should give its slot back (``core.idle``)."""
         policy = self.policy
-        wanted = wanted_kinds(self.queue(), self.groups_of)
+        wanted: list[set[str]] = []  # worked out once, when a lease first needs it
         over: dict[str, bool] = {}  # user -> over today's quota (no groups: nobody)
         out: list[Decision] = []
         for lease in self.leases():
@@ -249,7 +277,9 @@ class Scheduler(SchedulerState):
             if asked_recently(lease, now, policy):
                 continue
             if lease.user not in over:
-                over[lease.user] = bool(policy.groups) and self.over_quota(lease.user, now)
+                over[lease.user] = lease.user in self._quota_users and self.over_quota(
+                    lease.user, now
+                )
             reason = suspend_reason(
                 lease,
                 now,
@@ -258,17 +288,24 @@ class Scheduler(SchedulerState):
                 partial(self._is_wanted, lease.slot_id, wanted),
             )
             if reason is not None:
+                forced_at = lease.forced_at
+                if reason in FORCED and forced_at is None:
+                    forced_at = now
                 self._leases[lease.id] = replace(
-                    lease, suspend_requested_at=now, suspend_reason=reason
+                    lease, suspend_requested_at=now, suspend_reason=reason, forced_at=forced_at
                 )
                 out.append(SuspendIdle(lease.id, reason))
         return out
 
-    def _is_wanted(self, slot_id: str, wanted: set[str]) -> bool:
-        return slot_wanted(self.pool.get(slot_id), wanted)
+    def _is_wanted(self, slot_id: str, wanted: list[set[str]]) -> bool:
+        if not wanted:
+            wanted.append(wanted_kinds(self.waiting(), self.groups_of))
+        return slot_wanted(self.pool.get(slot_id), wanted[0])
 
     def _reconfigure(self, event: Reconfigure) -> list[Decision]:
         self.policy = replace(event.policy, groups=tuple(event.groups))
+        self._quota_users = quota_users(self.policy.groups)
+        self._groups_of = {}
         self.usage.half_life = self.policy.usage_half_life
         self.pool.reconfigure(event.slots)
         self._in_group = {}
@@ -285,46 +322,31 @@ class Scheduler(SchedulerState):
 
     # -- granting --------------------------------------------------------------------------
 
-    def _context(self, now: float, session_groups: tuple[GroupConfig, ...]) -> GrantContext:
-        users = {self._leases[lease_id].user for lease_id in self._queue}
-        priority = {}
-        for user in users:
-            groups = self.groups_of(user)
-            if groups:
-                priority[user] = groups[0].priority
-        return GrantContext(
-            now=now,
-            aging_after=self.policy.aging,
-            usage={user: self.recent_usage(user, now) for user in users},
-            priority=priority,
-            session_groups=session_groups,
-        )
-
     def _assign(self, now: float) -> list[Decision]:
-        """Sort the queue, then offer the free slots to it in that order (after any change)."""
-        if not self._queue:
+        """Offer the free slots to the queue in ``grant_order`` (after any change). Only the
+        requests that could take a free slot's kind are sorted, at ``now``; a request of a user
+        over today's quota is dropped once any slot is on offer."""
+        if not self._queue or not self.pool.any_free():
             return []
-        sessions = tuple(g for g in self.policy.groups if g.in_session(now) is not None)
-        if len(self._queue) > 1:
-            order = grant_order(self.queue(), self._context(now, sessions))
-            self._queue = [lease.id for lease in order]
-        out: list[Decision] = []
-        if not self.pool.any_free():
+        out = self._drop_over_quota(now)
+        free_kinds = self.pool.free_kinds()
+        candidates = self._queue.of_kinds([*free_kinds, ANY_KIND])
+        if not candidates:
             return out
+        sessions = tuple(g for g in self.policy.groups if g.in_session(now) is not None)
         reservations = reservation_needs(sessions, self._holders(), now) if sessions else []
-        for lease in self.queue():
+        key = self._key_at(now)
+        ranked = [(key(lease_id), lease_id) for lease_id in candidates]
+        heapq.heapify(ranked)  # in grant order, without sorting those nobody reaches
+        while ranked:
+            lease = self._leases[heapq.heappop(ranked)[1]]
             if not may_hold(self.held_by(lease.user), self.policy):
-                continue
-            quota = self.quota_seconds(lease.user)
-            if quota is not None and self.usage_today(lease.user, now) >= quota:
-                self._end(lease, now)
-                out.append(Dropped(lease.id, quota_message(quota / 3600.0, now)))
                 continue
             picked = self._pick(lease, reservations)
             if picked is None:
                 continue
             slot_id, group = picked
-            self._queue.remove(lease.id)
+            self._queue.remove(lease)
             granted = replace(
                 lease,
                 state="granted",
@@ -340,6 +362,31 @@ class Scheduler(SchedulerState):
             if reservations:
                 reservations = reservation_needs(sessions, self._holders(), now)
         return out
+
+    def _drop_over_quota(self, now: float) -> list[Decision]:
+        """Drop the queued requests of users whose GPU time today reached their quota. A request
+        is refused when its user is over quota already, so only users whose usage grew since
+        (a slot held now, or a lease ended) can have crossed it."""
+        out: list[Decision] = []
+        grew, self._ended_since_check = self._ended_since_check, set()
+        users = [
+            user
+            for user in self._queue.users()
+            if user in self._quota_users and (user in self._granted or user in grew)
+        ]
+        for user in users:
+            quota = self.quota_seconds(user)
+            if quota is None or self.usage_today(user, now) < quota:
+                continue
+            for lease in [q for q in self.waiting() if q.user == user]:
+                self._end(lease, now)
+                out.append(Dropped(lease.id, quota_message(quota / 3600.0, now)))
+        return out
+
+    def _fence_needed(self, slot_id: str) -> FenceNeeded:
+        fence = self.pool.fence_of(slot_id)
+        assert fence is not None
+        return _need(fence)
 
     def _pick(self, lease: Lease, reservations: list) -> tuple[str, str | None] | None:
         """The grantable slot the lease may take (on its ``prefer_host`` if one is free there,
@@ -376,7 +423,12 @@ class Scheduler(SchedulerState):
         return None if index is None else (True, index)
 
 
-def _fence_needed(fence: Fence) -> FenceNeeded:
+def _ignored(lease: Lease, now: float, policy: Policy) -> bool:
+    """True when ``lease`` still holds its slot ``policy.obey_within`` after a forced order."""
+    return lease.forced_at is not None and now - lease.forced_at > policy.obey_within
+
+
+def _need(fence: Fence) -> FenceNeeded:
     return FenceNeeded(fence.slot_id, fence.lease_id, fence.host, fence.kernel_id)
 
 

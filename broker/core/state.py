@@ -9,13 +9,14 @@ the service builds a new scheduler from the store instead of undoing the event h
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import replace
 
-from broker.core.fairness import charge_group, groups_for, quota_hours
+from broker.core.fairness import GrantContext, charge_group, groups_for, order_key, quota_hours
 from broker.core.groups import GroupConfig
 from broker.core.leases import Lease, since
 from broker.core.policy import Policy
+from broker.core.queue import Key, WaitingQueue
 from broker.core.quota import UsageLedger, UsageRecord, day_of, overlap_today
 from broker.core.slots import Fence, SlotPool, SlotState
 
@@ -36,11 +37,15 @@ class SchedulerState:
         self.policy = replace(policy, groups=groups) if groups else policy
         self.pool = SlotPool(slots)
         self._leases: dict[str, Lease] = {}
-        self._queue: list[str] = []  # lease ids, in grant_order as of the last event
+        self._queue = WaitingQueue()  # queued lease ids (``broker.core.queue``)
+        self._now = 0.0  # the time of the last event (positions are read as of then)
         self._next_seq = next_seq
         self._granted: dict[str, tuple[str, ...]] = {}  # user -> granted lease ids
         self._in_group: dict[tuple[str, str], int] = {}  # (user, group) -> granted leases
         self.usage = UsageLedger(self.policy.usage_half_life)
+        self._ended_since_check: set[str] = set()  # users whose usage grew by an ended lease
+        self._quota_users = quota_users(self.policy.groups)  # who may ever be over a quota
+        self._groups_of: dict[str, tuple[GroupConfig, ...]] = {}  # until the groups change
         self._pruned_day = -1
 
     # -- queries ---------------------------------------------------------------------------
@@ -83,22 +88,28 @@ class SchedulerState:
         return self.pool.free()
 
     def queue(self) -> list[Lease]:
-        """Queued leases, first to be served first."""
-        return [self._leases[lease_id] for lease_id in self._queue]
+        """Queued leases, first to be served first (as of the last event)."""
+        return [self._leases[lease_id] for lease_id in self._queue.ordered(self._order_key)]
+
+    def waiting(self) -> Iterator[Lease]:
+        """Queued leases in arrival order (no sorting: for questions order does not change)."""
+        return (self._leases[lease_id] for lease_id in self._queue)
 
     @property
     def queue_length(self) -> int:
         return len(self._queue)
 
+    def queued_by(self, user: str) -> int:
+        """How many requests ``user`` has waiting."""
+        return self._queue.count(user)
+
     def positions(self) -> dict[str, int]:
         """Lease id -> queue position, 1..n."""
-        return {lease_id: index for index, lease_id in enumerate(self._queue, start=1)}
+        order = self._queue.ordered(self._order_key)
+        return {lease_id: index for index, lease_id in enumerate(order, start=1)}
 
     def position(self, lease_id: str) -> int | None:
-        try:
-            return self._queue.index(lease_id) + 1
-        except ValueError:
-            return None
+        return self._queue.position(lease_id, self._order_key)
 
     def held_by(self, user: str) -> int:
         """How many granted leases ``user`` holds."""
@@ -110,7 +121,10 @@ class SchedulerState:
 
     def groups_of(self, user: str) -> tuple[GroupConfig, ...]:
         """``user``'s groups, highest priority first (empty: an open user)."""
-        return groups_for(user, self.policy.groups)
+        groups = self._groups_of.get(user)
+        if groups is None:
+            groups = self._groups_of[user] = groups_for(user, self.policy.groups)
+        return groups
 
     def quota_seconds(self, user: str) -> float | None:
         """``user``'s GPU-seconds per UTC day, or None for no limit."""
@@ -144,6 +158,7 @@ class SchedulerState:
         quotas and fair order survive a restart. Call before ``restore``."""
         for record in records:
             self.usage.add(record)
+            self._ended_since_check.add(record.user)
 
     def restore_fences(self, fences: Iterable[Fence], now: float) -> None:
         """Load slots that were being fenced when the broker stopped; they come back
@@ -168,9 +183,11 @@ class SchedulerState:
         of the queue; count its GPU time."""
         del self._leases[lease.id]
         if lease.slot_id is None:
-            self._queue.remove(lease.id)
+            self._queue.remove(lease)
             return
+        self._queue.invalidate()  # its user's usage changed
         self.usage.add(UsageRecord(lease.user, since(lease.granted_at, now), now))
+        self._ended_since_check.add(lease.user)
         remaining = tuple(i for i in self._granted[lease.user] if i != lease.id)
         if remaining:
             self._granted[lease.user] = remaining
@@ -185,6 +202,7 @@ class SchedulerState:
 
     def _take(self, slot_id: str, lease: Lease) -> None:
         """Record ``lease`` (already granted, with its group) as holding ``slot_id``."""
+        self._queue.invalidate()  # its user's usage changed
         self.pool.occupy(slot_id, lease.id)
         self._leases[lease.id] = lease
         self._granted[lease.user] = (*self._granted.get(lease.user, ()), lease.id)
@@ -200,3 +218,59 @@ class SchedulerState:
                 if slot is not None:
                     out.append((lease.user, slot.kind))
         return out
+
+    # -- the grant order (``broker.core.fairness``) -------------------------------------------
+
+    def _grant_context(self, now: float) -> GrantContext:
+        """What ``order_key`` needs at ``now``: usage and priority are worked out per user the
+        first time the sort asks (``_PerUser``), not for every user up front."""
+        sessions = tuple(g for g in self.policy.groups if g.in_session(now) is not None)
+        return GrantContext(
+            now=now,
+            aging_after=self.policy.aging,
+            usage=_PerUser(lambda user: self.recent_usage(user, now)),
+            priority=_PerUser(self._priority),
+            session_groups=sessions,
+        )
+
+    def _priority(self, user: str) -> int:
+        groups = self.groups_of(user)
+        return groups[0].priority if groups else 0
+
+    def _key_at(self, now: float) -> Key:
+        """Lease id -> its ``grant_order`` key at ``now``."""
+        key = order_key(self._grant_context(now))
+        return lambda lease_id: key(self._leases[lease_id])
+
+    def _order_key(self) -> Key:
+        return self._key_at(self._now)
+
+
+def quota_users(groups: Iterable[GroupConfig]) -> frozenset[str]:
+    """Members of a group with a daily quota: the only users who may ever be over one."""
+    return frozenset(
+        user for group in groups if group.gpu_hours_per_day is not None for user in group.members
+    )
+
+
+class _PerUser(Mapping[str, float]):
+    """A read-only mapping that computes ``value(user)`` once per user, when first asked."""
+
+    def __init__(self, value: Callable[[str], float]) -> None:
+        self._value = value
+        self._seen: dict[str, float] = {}
+
+    def __getitem__(self, user: str) -> float:
+        if user not in self._seen:
+            self._seen[user] = self._value(user)
+        return self._seen[user]
+
+    def get(self, user: str, default: object = None) -> float:  # type: ignore[override]
+        return self[user]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._seen)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+

@@ -37,6 +37,8 @@ queue_timeout = "10m"
 [[hosts]]
 name = "gpu1"
 address = "gpu1.example.org"
+fence_user = "gpufence"
+fence_key_file = "/etc/gpu-broker/fence_ed25519"
 user = "{{username}}"
 key_file = "~/.ssh/{{username}}_ed25519"
 

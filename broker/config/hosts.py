@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from broker.config.toml_check import Checker, dotted
+from gpu_kernel.protocol import HOST_NAME_RE, USER_NAME_RE
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")
 SLOT_ID = re.compile(r"[A-Za-z0-9._/-]+")
@@ -21,7 +22,7 @@ DEVICE = re.compile(rf"\d+|GPU-{_UUID}|MIG-{_UUID}|MIG-GPU-{_UUID}/\d+/\d+")
 DEFAULT_KNOWN_HOSTS = "~/.ssh/known_hosts"
 
 _HOST_KEYS = ("name", "address", "port", "user", "key_file", "known_hosts", "python", "slots")
-_HOST_KEYS += ("drained", "gpus", "kind_map")
+_HOST_KEYS += ("drained", "gpus", "kind_map", "fence_user", "fence_key_file", "fence_known_hosts")
 _SLOT_KEYS = ("id", "kind", "device", "simulated", "count")
 
 
@@ -51,6 +52,17 @@ class HostConfig:
     drained: bool = False
     auto_gpus: bool = False  # gpus = "auto": slots come from probing (Config.with_slots)
     kind_map: tuple[tuple[str, str], ...] = ()  # GPU or MIG name from the probe -> slot kind
+    # The broker's own way in (fencing, probing): an account whose key runs only
+    # ``python -m gpu_kernel fence`` (a forced command). Required unless address = "local".
+    fence_user: str | None = None
+    fence_key_file: str | None = None  # on the broker's machine; "~" is the broker's home
+    fence_known_hosts: str | None = None  # None: known_hosts ("{username}" = fence_user)
+
+    def fence_known_hosts_path(self) -> str | None:
+        """The known_hosts file the broker checks this host's key against."""
+        if self.fence_known_hosts is not None:
+            return os.path.expanduser(self.fence_known_hosts)
+        return _expand(self.known_hosts, self.fence_user or "")
 
     def kind_for(self, gpu_name: str) -> str:
         """The slot kind of a probed GPU/MIG device named ``gpu_name`` (as NVML names it): from
@@ -137,8 +149,12 @@ class HostsChecker(Checker):
         name = self.typed(table, "name", path, str, '"gpu1"')
         if name is None and "name" not in table:
             self.issue(path, 'missing name: add name = "gpu1" (letters, digits, . _ -)')
-        elif name is not None and not NAME.fullmatch(name):
-            self.issue((*path, "name"), f"bad host name {name!r}: use letters, digits, . _ - only")
+        elif name is not None and not HOST_NAME_RE.fullmatch(name):
+            self.issue(
+                (*path, "name"),
+                f"bad host name {name!r}: it names a directory on the host, so use 1 to 64 "
+                "letters, digits, . _ - starting with a letter or digit",
+            )
         address = self.typed(table, "address", path, str, '"gpu1.example.org" or "local"')
         if "address" not in table:
             self.issue(path, 'missing address: add address = "HOSTNAME" (or "local", no SSH)')
@@ -150,6 +166,7 @@ class HostsChecker(Checker):
         known_hosts = self.template(table, "known_hosts", path, '"~/.ssh/known_hosts"')
         python = self.typed(table, "python", path, str, '"/opt/shared-gpu/bin/python"')
         drained = self.typed(table, "drained", path, bool, "true")
+        fence = self.fence_account(table, path, address)
         for key, value in (("user", user), ("python", python)):
             if value is not None and not value.strip():
                 self.issue((*path, key), f"{key} must not be empty")
@@ -186,7 +203,38 @@ class HostsChecker(Checker):
             drained=bool(drained),
             auto_gpus=auto,
             kind_map=kind_map,
+            **fence,
         )
+
+    def fence_account(self, table: dict, path: tuple, address: str | None) -> dict[str, str]:
+        """``fence_user``, ``fence_key_file`` (both required for an SSH host: the broker has no
+        other way to make sure a kernel is gone) and ``fence_known_hosts``."""
+        out = {}
+        for key, example in (
+            ("fence_user", '"gpufence"'),
+            ("fence_key_file", '"/etc/gpu-broker/fence_ed25519"'),
+            ("fence_known_hosts", '"/etc/ssh/ssh_known_hosts"'),
+        ):
+            value = self.typed(table, key, path, str, example)
+            if value is not None and not value.strip():
+                self.issue((*path, key), f"{key} must not be empty")
+            elif value is not None:
+                out[key] = value
+        user = out.get("fence_user")
+        if user is not None and not USER_NAME_RE.fullmatch(user):
+            self.issue((*path, "fence_user"), f"bad fence_user {user!r}: give a Unix login name")
+        if address is not None and address != "local":
+            for key in ("fence_user", "fence_key_file"):
+                if key not in table:
+                    self.issue(
+                        path,
+                        f"missing {key}: the broker reaches this host only through a fencing "
+                        "account whose key runs `python -m gpu_kernel fence` and nothing else; "
+                        'add fence_user = "gpufence" and fence_key_file = "/etc/gpu-broker/'
+                        'fence_ed25519" (docs/configuration.md, "Fencing")',
+                    )
+                    break
+        return out
 
     def kind_map(self, table: dict, path: tuple) -> tuple[tuple[str, str], ...]:
         raw = self.typed(table, "kind_map", path, dict, '{ "NVIDIA A100-SXM4-40GB" = "a100" }')

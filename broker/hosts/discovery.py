@@ -1,21 +1,19 @@
-"""Slots of a ``gpus = "auto"`` host: run ``python -m gpu_kernel probe`` on it over SSH.
+"""Slots of a ``gpus = "auto"`` host: ask its fencing account's command for ``probe``.
 
-``discover_slots(host, username)`` connects as the broker's SSH user for that host, reads the
-probe's JSON line and maps it to ``SlotConfig``s: one slot per GPU (kind from the host's
-``kind_map`` by NVML name, else the normalised name such as "nvidia-a100-sxm4-40gb"), except that
-a GPU in MIG mode contributes one slot per MIG device instead (kind from ``kind_map`` by the MIG
-device's name, else "mig-<profile>" such as "mig-1g.10gb"). The slot's device is the GPU or MIG
-UUID (valid in ``CUDA_VISIBLE_DEVICES``, stable across reboots, unlike indices).
+``discover_slots(host)`` runs ``probe`` through the host's forced command (the broker's only way in,
+``broker.hosts.fencing``), reads the probe's JSON line and maps it to ``SlotConfig``s: one slot per
+GPU (kind from the host's ``kind_map`` by NVML name, else the normalised name such as
+"nvidia-a100-sxm4-40gb"), except that a GPU in MIG mode contributes one slot per MIG device instead
+(kind from ``kind_map`` by the MIG device's name, else "mig-<profile>" such as "mig-1g.10gb"). The
+slot's device is the GPU or MIG UUID (valid in ``CUDA_VISIBLE_DEVICES``, stable across reboots,
+unlike indices).
 """
 
 from __future__ import annotations
 
-import json
-
 from broker.config.hosts import HostConfig, SlotConfig
-from broker.hosts.fencing import host_target
+from broker.hosts.fencing import FenceError, run_fence_command
 from gpu_kernel.errors import SharedGPUError
-from gpu_kernel.ssh import connect
 
 PROBE_TIMEOUT = 60.0
 
@@ -24,31 +22,23 @@ class DiscoveryError(SharedGPUError):
     """Probing a ``gpus = "auto"`` host failed; the message names the host, the hint the fix."""
 
 
-def run_probe(host: HostConfig, username: str) -> dict:
-    """The probe's reply from ``host``; raises DiscoveryError (SSH errors keep their hints)."""
-    target = host_target(host, username)
-    argv = [host.python, "-m", "gpu_kernel", "probe"]
+def run_probe(host: HostConfig) -> dict:
+    """The probe's reply from ``host``, through its fencing account's forced command
+    (``probe``); raises DiscoveryError (the fencing command's hints kept)."""
     try:
-        with connect(target) as conn:
-            res = conn.run(argv, timeout=PROBE_TIMEOUT)
-    except SharedGPUError as e:
+        data = run_fence_command(host, ["probe"], timeout=PROBE_TIMEOUT)
+    except FenceError as e:
         raise DiscoveryError(
-            f'cannot probe the GPUs of host {host.name} (gpus = "auto"): {e.message}', e.hint
+            f'cannot probe the GPUs of host {host.name} (gpus = "auto"): {e.message}',
+            e.hint
+            or f"install jupyter-shared-gpu[gpu] on {host.name} and name that interpreter in "
+            "the fencing account's forced command",
         ) from e
-    out = res.stdout.decode(errors="replace").strip().splitlines()
-    try:
-        data = json.loads(out[-1])
-        if not isinstance(data, dict) or not isinstance(data.get("devices"), list):
-            raise ValueError("not a probe reply")
-    except (ValueError, IndexError) as e:
-        err = res.stderr.decode(errors="replace").strip().splitlines()[-5:]
+    if not isinstance(data.get("devices"), list):
         raise DiscoveryError(
-            f"`{' '.join(argv)}` on host {host.name} failed (exit status {res.returncode}): "
-            + ("\n".join(err) or "no output"),
-            f"install jupyter-shared-gpu[gpu] on {host.name} "
-            f"(`{host.python} -m pip install 'jupyter-shared-gpu[gpu]'`) and set the host's "
-            "`python` in the config to that interpreter",
-        ) from e
+            f"the probe on host {host.name} answered without a device list",
+            "install the same jupyter-shared-gpu version on the host as on the broker",
+        )
     return data
 
 
@@ -91,6 +81,6 @@ def slots_from_probe(host: HostConfig, data: dict) -> tuple[SlotConfig, ...]:
     return tuple(slots)
 
 
-def discover_slots(host: HostConfig, username: str) -> tuple[SlotConfig, ...]:
-    """Probe ``host`` over SSH as ``username``'s login and return its slots."""
-    return slots_from_probe(host, run_probe(host, username))
+def discover_slots(host: HostConfig) -> tuple[SlotConfig, ...]:
+    """Probe ``host`` (its fencing account's ``probe``) and return its slots."""
+    return slots_from_probe(host, run_probe(host))

@@ -81,12 +81,7 @@ class CheckpointsHandler(BaseHandler):
 
     def get(self) -> None:
         kernel_id = self.get_query_argument("kernel_id", None)
-        store = self.service.store
-        if kernel_id is not None:
-            row = store.checkpoint(kernel_id)
-            rows = [row] if row is not None else []
-        else:
-            rows = store.checkpoints()
+        rows = self.service.store.checkpoints(kernel_id=kernel_id)
         rows = [row for row in rows if self.may_see(row.user)]
         self.send(200, {"checkpoints": [checkpoint_json(self.service, row) for row in rows]})
 
@@ -96,14 +91,15 @@ class CheckpointHandler(BaseHandler):
 
     def delete(self, kernel_id: str) -> None:
         store = self.service.store
-        row = store.checkpoint(kernel_id)
+        owner = store.kernel_owner(kernel_id) or self.identity.user
+        row = store.checkpoint(owner, kernel_id)
         if row is None:
             raise ApiError(404, "not_found", f"no checkpoint for kernel {kernel_id!r}")
         if not may_act(self.identity, row.user):
             raise ApiError(403, "forbidden", f"the checkpoint of {kernel_id!r} is another user's")
         now = self.service.clock()
         with store.transaction():
-            store.forget_checkpoint(kernel_id)
+            store.forget_checkpoint(row.user, kernel_id)
             store.log(now, "checkpoint_forgotten", row.lease_id, row.user, kernel_id=kernel_id)
         self.send(200, checkpoint_json(self.service, row))
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from broker.errors import BrokerError
 from broker.store.sqlite import Store, TokenRow
+from gpu_kernel.protocol import USER_NAME_RE
 
 TOKEN_PREFIX = "sgpu_"
 ROLES = ("user", "teacher", "admin")
@@ -93,8 +94,13 @@ def create_token(store: Store, user: str, role: str = "user") -> tuple[str, Toke
     """Make a token for ``user``; return it (shown once, never stored) and its stored row."""
     if role not in ROLES:
         raise TokenError(f"unknown role {role!r}", hint="use --role user, teacher or admin")
-    if not user or not user.strip() or any(c.isspace() for c in user):
-        raise TokenError(f"bad user name {user!r}", hint="give the Jupyter user's login name")
+    if not USER_NAME_RE.fullmatch(user):
+        raise TokenError(
+            f"bad user name {user!r}: the broker's users are POSIX login names (they own "
+            "kernels and name directories on the GPU hosts)",
+            hint="give the Jupyter user's login name: 1 to 32 of A-Z a-z 0-9 _ . - , starting "
+            "with a letter or _",
+        )
     token = new_token()
     digest = hash_token(token)
     row = TokenRow(

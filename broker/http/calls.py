@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,10 +20,13 @@ from broker.core.leases import Lease
 from broker.http import auth
 from broker.http.auth import Identity, may_act, may_see
 from broker.http.views import lease_json
-from broker.service.service import BrokerService, LeaseRefused
+from broker.service.service import BrokerService, LeaseRefused, NotYours, RequestConflict
 from broker.store.host_records import CheckpointRow
+from gpu_kernel.protocol import KERNEL_ID_RE, USER_NAME_RE
 
 JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8", "Cache-Control": "no-store"}
+RELEASE_REASONS = ("released", "suspended", "kernel_may_run")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 INTERNAL_ERROR = "internal error in the broker (see its log)"
 
 
@@ -62,6 +66,14 @@ def authenticate(service: BrokerService, header: str) -> Identity:
             "unauthorized",
             f"the bearer token is {reason}: send 'Authorization: Bearer "
             "sgpu_...' with a token from `gpu-broker token create`",
+        )
+    if not USER_NAME_RE.fullmatch(identity.user):
+        raise ApiError(
+            403,
+            "bad_user",
+            f"this token's user name {identity.user[:40]!r} is not a POSIX login name, so it "
+            "cannot own kernels: revoke it and create one for a login name "
+            "(`gpu-broker token create --user NAME`)",
         )
     return identity
 
@@ -105,6 +117,20 @@ class Call:
         return lease_json(self.service, lease)
 
 
+def kernel_id_of(body: dict, name: str, required: bool = True) -> str | None:
+    """``body[name]`` if it is a kernel id the GPU hosts accept (a directory name there), else
+    400 naming the field and the pattern."""
+    value = field_of(body, name, str, "a kernel id (1-128 of A-Z a-z 0-9 - _)", required)
+    if value is not None and not KERNEL_ID_RE.fullmatch(value):
+        raise ApiError(
+            400,
+            "bad_request",
+            f"field {name!r}: {json.dumps(value[:80])} is not a kernel id: use 1 to 128 "
+            "characters of A-Z, a-z, 0-9, '-' and '_' (Jupyter's kernel ids are)",
+        )
+    return value
+
+
 def field_of(body: dict, name: str, kind: type, expected: str, required: bool = True) -> Any:
     """``body[name]`` if it is a ``kind`` (bools are not ints; floats are finite), else 400."""
     if name not in body:
@@ -127,45 +153,58 @@ def field_of(body: dict, name: str, kind: type, expected: str, required: bool = 
 
 
 def request_lease(call: Call) -> Reply:
-    """POST /api/v1/leases: ask for a slot (201 granted, 202 queued)."""
+    """POST /api/v1/leases: ask for a slot (201 granted, 202 queued). With ``request_id`` a
+    retry answers the lease the first try made (200 if it ended meanwhile)."""
     body = call.json_body()
     kind = field_of(body, "kind", str, 'a string: "any" or a slot kind such as "a100"')
-    kernel_id = field_of(body, "kernel_id", str, "a string: Jupyter's kernel id")
+    kernel_id = kernel_id_of(body, "kernel_id")
+    assert kernel_id is not None
     if not kind.strip() or len(kind) > 64:
         raise ApiError(400, "bad_request", "field 'kind': expected 1 to 64 characters")
-    if len(kernel_id) > 256:
-        raise ApiError(400, "bad_request", "field 'kernel_id': expected at most 256 characters")
-    resume_from = field_of(body, "resume_from", str, "a kernel id or null", required=False)
-    service = call.service
+    resume_from = kernel_id_of(body, "resume_from", required=False)
+    request_id = field_of(body, "request_id", str, "a string the client chose", required=False)
+    if request_id is not None and not REQUEST_ID.fullmatch(request_id):
+        raise ApiError(
+            400, "bad_request", "field 'request_id': expected 1 to 64 of A-Z a-z 0-9 - _ ."
+        )
+    service, user = call.service, call.identity.user
     prefer_host = None
     if resume_from:
-        row = service.store.checkpoint(resume_from)
-        if row is not None and row.user == call.identity.user and row.state == "kept":
+        owner = service.store.kernel_owner(resume_from)
+        if owner is not None and owner != user:
+            raise ApiError(403, "forbidden", f"kernel id {resume_from!r} belongs to another user")
+        row = service.store.checkpoint(user, resume_from)
+        if row is not None and row.state == "kept":
             prefer_host = row.host
     lease_id = uuid.uuid4().hex[:20]
     try:
         lease = service.request_lease(
-            lease_id, call.identity.user, kind, kernel_id, prefer_host=prefer_host
+            lease_id, user, kind, kernel_id, prefer_host=prefer_host, request_id=request_id
         )
     except LeaseRefused as exc:
+        if exc.code == "queue_full":
+            raise ApiError(429, "too_many_queued", exc.message) from None
         raise ApiError(400, "unknown_kind", exc.message) from None
-    return Reply(
-        201 if lease.state == "granted" else 202,
-        call.lease_json(lease),
-        {"Location": f"/api/v1/leases/{lease.id}"},
-    )
+    except NotYours as exc:
+        raise ApiError(403, "forbidden", exc.message) from None
+    except RequestConflict as exc:
+        raise ApiError(409, "conflict", f"{exc.message}: {exc.hint}") from None
+    status = {"granted": 201, "queued": 202}.get(lease.state, 200)
+    return Reply(status, call.lease_json(lease), {"Location": f"/api/v1/leases/{lease.id}"})
 
 
 def release_lease(call: Call, lease_id: str) -> Reply:
-    """DELETE /api/v1/leases/{id}: release (or, with a checkpoint, suspend); idempotent."""
+    """DELETE /api/v1/leases/{id}: release (or, with a checkpoint, suspend; or
+    ``kernel_may_run``: its slot is fenced first); idempotent."""
     body = call.json_body()
-    reason = field_of(body, "reason", str, '"released" or "suspended"', required=False)
+    reason = field_of(body, "reason", str, ", ".join(RELEASE_REASONS), required=False)
     reason = reason or "released"
-    if reason not in ("released", "suspended"):
+    if reason not in RELEASE_REASONS:
+        expected = ", ".join(f'"{r}"' for r in RELEASE_REASONS)
         raise ApiError(
             400,
             "bad_request",
-            f'field \'reason\': expected "released" or "suspended", got {json.dumps(reason)}',
+            f"field 'reason': expected {expected}, got {json.dumps(reason)[:80]}",
         )
     raw = body.get("checkpoint")
     if raw is not None and reason != "suspended":
@@ -203,16 +242,20 @@ def _checkpoint_row(call: Call, raw: Any, lease: Lease) -> CheckpointRow:
     host = field_of(raw, "host", str, "the host's name in the broker config")
     path = field_of(raw, "path", str, "the checkpoint's path on that host")
     size = field_of(raw, "bytes", int, "the checkpoint's size in bytes (an integer)")
-    kernel_id = field_of(raw, "kernel_id", str, "Jupyter's kernel id", required=False)
-    kernel_id = kernel_id or lease.kernel_id
+    kernel_id = kernel_id_of(raw, "kernel_id", required=False) or lease.kernel_id
+    if kernel_id != lease.kernel_id:
+        raise ApiError(
+            403,
+            "forbidden",
+            f"field 'checkpoint.kernel_id': lease {lease.id!r} is for kernel "
+            f"{lease.kernel_id!r}; a checkpoint is recorded only for the lease's own kernel",
+        )
     if host not in {h.name for h in call.service.config.hosts}:
         raise ApiError(400, "bad_request", f"field 'checkpoint.host': no host {host!r}")
     if not path or len(path) > 4096 or "\x00" in path:
         raise ApiError(400, "bad_request", "field 'checkpoint.path': 1 to 4096 characters")
     if size < 0 or size > 2**62:
         raise ApiError(400, "bad_request", "field 'checkpoint.bytes': expected >= 0")
-    if not kernel_id or len(kernel_id) > 256:
-        raise ApiError(400, "bad_request", "field 'checkpoint.kernel_id': 1 to 256 characters")
     return CheckpointRow(
         kernel_id=kernel_id,
         user=lease.user,

@@ -9,7 +9,6 @@ problem logged, and the old config stays.
 from __future__ import annotations
 
 import asyncio
-import getpass
 import logging
 from pathlib import Path
 
@@ -25,7 +24,7 @@ def resolve_auto_hosts(config: Config) -> Config:
     """Probe ``gpus = "auto"`` hosts (``broker.hosts.discovery``) and fill in their slots."""
     for host in config.hosts:
         if host.auto_gpus:
-            slots = discover_slots(host, getpass.getuser())
+            slots = discover_slots(host)
             config = config.with_slots(host.name, slots)
     return config
 

@@ -5,8 +5,10 @@ The HTTP handlers (``broker.http.handlers``, ``broker.http.admin``) call it; ``B
 its decisions and the rows they touch commit in ONE store transaction before the reply; long-polls
 waiting on the leases that changed are woken. Decisions that need the outside world are executed
 after the commit: ``SuspendIdle`` becomes a ``{"order": "suspend"}`` in the lease's next heartbeat
-reply; ``FenceNeeded`` and old checkpoints are ``broker.service.effects``' (``HostEffects``, whose
-``record_decisions`` also writes each event's decisions to the store).
+reply; ``FenceNeeded`` and old checkpoints go to ``self.hosts``
+(``broker.service.effects.HostJobs``; ``record_decisions`` there also writes each event's decisions
+to the store). A kernel id belongs to the user who first leased it; a request id makes a retried
+request return its first lease.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import tornado.util
 from broker.config.hosts import SlotConfig
 from broker.config.loader import Config
 from broker.config.policy import scheduler_policy as policy_of
+from broker.core.idle import FORCED
 from broker.core.scheduler import (
     Decision,
     Dropped,
@@ -50,7 +53,7 @@ from broker.core.scheduler import (
 )
 from broker.errors import BrokerError
 from broker.hosts.fencing import HostWork
-from broker.service.effects import HostEffects, record_decisions
+from broker.service.effects import HostJobs, record_decisions
 from broker.service.metrics import Metrics
 from broker.store.host_records import CheckpointRow
 from broker.store.sqlite import Store
@@ -62,7 +65,20 @@ USAGE_WINDOW_HALF_LIVES = 4  # ended leases restored into the scheduler's decaye
 
 
 class LeaseRefused(BrokerError):
-    """A lease request that can never be granted (e.g. a kind the pool does not have)."""
+    """A lease request that cannot be granted (e.g. a kind the pool does not have), or may not
+    wait (``code`` "queue_full")."""
+
+    def __init__(self, message: str, code: str = "refused") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class NotYours(BrokerError):
+    """The request names a kernel id that another user leased first (it is theirs for good)."""
+
+
+class RequestConflict(BrokerError):
+    """A request id already made a lease, with another kind or kernel id."""
 
 
 def scheduler_policy(config: Config, max_leases_per_user: int | None = None) -> Policy:
@@ -73,7 +89,7 @@ def scheduler_policy(config: Config, max_leases_per_user: int | None = None) -> 
     return policy
 
 
-class BrokerService(HostEffects):
+class BrokerService:
     """State and rules of one running broker. Single-threaded: call it from its IOLoop only."""
 
     def __init__(
@@ -91,10 +107,10 @@ class BrokerService(HostEffects):
         self.work = work or HostWork()
         self._max_per_user = max_leases_per_user
         self._changed: dict[str, tornado.locks.Event] = {}
-        self._orders: dict[str, list[dict[str, str]]] = {}  # lease id -> undelivered orders
-        self._fencing: set[str] = set()  # slot ids with a fence in flight
-        self._sweeping: set[str] = set()  # kernel ids whose checkpoint is being deleted
-        self._sweep_due: dict[str, float] = {}
+        self._orders: dict[str, str] = {}  # lease id -> the reason of its undelivered order
+        self.hosts = HostJobs(
+            lambda: self.config, store, clock, self.metrics, self.work, self._apply, self.slot_state
+        )
         self._drains = store.drained_hosts()
         self._slot_index = {slot.id: slot for slot in config.slots}
         self.scheduler = self._load_scheduler()
@@ -113,13 +129,41 @@ class BrokerService(HostEffects):
         return self.scheduler.lease(lease_id) or self.store.get_lease(lease_id)
 
     def request_lease(
-        self, lease_id: str, user: str, kind: str, kernel_id: str, prefer_host: str | None = None
+        self,
+        lease_id: str,
+        user: str,
+        kind: str,
+        kernel_id: str,
+        prefer_host: str | None = None,
+        request_id: str | None = None,
     ) -> Lease:
-        event = RequestLease(lease_id, user, kind, kernel_id, self.clock(), prefer_host)
-        decisions = self._apply(event)
+        """A new lease (granted or queued); with ``request_id`` a retry of the same request
+        returns the lease the first try made. Raises LeaseRefused, NotYours (the kernel id is
+        another user's) and RequestConflict (the request id made another lease)."""
+        if request_id is not None:
+            earlier = self.store.lease_by_request(user, request_id)
+            if earlier is not None:
+                if (earlier.kind, earlier.kernel_id) != (kind, kernel_id):
+                    raise RequestConflict(
+                        f"request_id {request_id!r} already asked for kernel "
+                        f"{earlier.kernel_id!r} (kind {earlier.kind!r})",
+                        hint="use a new request_id for each new request",
+                    )
+                return self.lease(earlier.id) or earlier
+        owner = self.store.kernel_owner(kernel_id)
+        if owner is not None and owner != user:
+            raise NotYours(f"kernel id {kernel_id!r} belongs to another user")
+        now = self.clock()
+        event = RequestLease(lease_id, user, kind, kernel_id, now, prefer_host, request_id)
+
+        def extra(decisions: list[Decision]) -> None:
+            if self.scheduler.lease(lease_id) is not None:
+                self.store.claim_kernel(kernel_id, user, now)
+
+        decisions = self._apply(event, extra)
         for decision in decisions:
             if isinstance(decision, Refused):
-                raise LeaseRefused(decision.reason)
+                raise LeaseRefused(decision.reason, decision.code)
         lease = self.scheduler.lease(lease_id)
         assert lease is not None
         return lease
@@ -127,13 +171,13 @@ class BrokerService(HostEffects):
     def release(
         self, lease_id: str, reason: str = "released", checkpoint: CheckpointRow | None = None
     ) -> Lease | None:
-        """End a lease; ``reason="suspended"`` with ``checkpoint``: remember where it lives."""
+        """End a lease; ``reason="suspended"`` with ``checkpoint``: remember where it lives
+        (as the lease's user's); ``"kernel_may_run"``: its slot is fenced before it is granted
+        again."""
         event = Release(lease_id, self.clock(), reason)
 
         def extra(decisions: list[Decision]) -> None:
             ended = any(isinstance(d, Released) for d in decisions)
-            if ended and reason != "released":
-                self.store.end_lease(lease_id, "released", event.now, reason)
             if checkpoint is not None and (ended or self.scheduler.lease(lease_id) is None):
                 self.store.put_checkpoint(checkpoint)
                 self.store.log(
@@ -153,16 +197,29 @@ class BrokerService(HostEffects):
 
     def heartbeat(
         self, lease_id: str, busy: bool, last_activity: float | None
-    ) -> tuple[Lease | None, list[dict[str, str]]]:
-        """Record the heartbeat; return the lease and the orders for it (each given once)."""
-        self._apply(Heartbeat(lease_id, self.clock(), busy, last_activity))
-        return self.lease(lease_id), self._orders.pop(lease_id, [])
+    ) -> tuple[Lease | None, list[dict[str, object]]]:
+        """Record the heartbeat; return the lease and the orders for it (each given once):
+        ``{"order": "suspend", "reason", "forced", "grace"}``, where a forced order ("quota",
+        "max_lease") must be obeyed busy or not, within ``grace`` seconds for a running cell."""
+        now = self.clock()
+        self._apply(Heartbeat(lease_id, now, busy, last_activity))
+        lease = self.lease(lease_id)
+        reason = self._orders.pop(lease_id, None)
+        if reason is None or lease is None:
+            return lease, []
+        forced = reason in FORCED
+        grace = 0.0
+        if forced:
+            since = lease.forced_at if lease.forced_at is not None else now
+            grace = round(max(0.0, since + self.scheduler.policy.busy_grace - now), 3)
+        order = {"order": "suspend", "reason": reason, "forced": forced, "grace": grace}
+        return lease, [order]
 
     def tick(self) -> list[Decision]:
         """Expiry, queue timeouts, fence retries (the scheduler repeats ``FenceNeeded`` every
         ``fence_retry``), suspend orders; then old checkpoints."""
         decisions = self._apply(Tick(self.clock()))
-        self._sweep_checkpoints()
+        self.hosts.sweep_checkpoints()
         return decisions
 
     def slot_state(self, slot_id: str) -> str:
@@ -292,7 +349,7 @@ class BrokerService(HostEffects):
         touched[getattr(event, "lease_id", None)] = None
         left_queue = any(isinstance(d, Granted | Released | Dropped) for d in decisions)
         if left_queue or self.scheduler.queue_length != queue_before:
-            touched.update(dict.fromkeys(lease.id for lease in self.scheduler.queue()))
+            touched.update(dict.fromkeys(lease.id for lease in self.scheduler.waiting()))
         for lease_id in touched:
             waiter = self._changed.pop(lease_id, None) if lease_id else None
             if waiter is not None:
@@ -341,7 +398,6 @@ class BrokerService(HostEffects):
                 self._orders.pop(d.lease_id, None)
             if isinstance(d, SuspendIdle) and self.scheduler.lease(d.lease_id):
                 # the scheduler asks once per idle spell; a newer order replaces an undelivered one
-                order = {"order": "suspend", "reason": str(d.reason)}
-                self._orders[d.lease_id] = [order]
+                self._orders[d.lease_id] = d.reason
             if isinstance(d, FenceNeeded):
-                self._start_fence(d)
+                self.hosts.start_fence(d)

@@ -1,4 +1,5 @@
-"""The hosts' side of the store: drained hosts, slots waiting for fencing, kept checkpoints.
+"""The hosts' side of the store: drained hosts, slots waiting for fencing, kept checkpoints, and
+who owns each kernel id.
 
 ``HostRecords`` is a mixin of ``broker.store.sqlite.Store`` (it uses the store's connection and
 lock; the tables are in the store's schema). ``BrokerService`` writes these rows inside an event's
@@ -42,7 +43,7 @@ class FenceRow:
 
 
 class HostRecords:
-    """Rows of the ``host_state``, ``fences`` and ``checkpoints`` tables."""
+    """Rows of the ``host_state``, ``fences``, ``checkpoints`` and ``kernel_owners`` tables."""
 
     _db: sqlite3.Connection
     _lock: threading.RLock
@@ -76,12 +77,17 @@ class HostRecords:
             ).fetchall()
         return [FenceRow(*row) for row in rows]
 
-    # -- checkpoints -----------------------------------------------------------------------
+    # -- checkpoints: one row per (owner, kernel id) ----------------------------------------
 
     def put_checkpoint(self, row: CheckpointRow) -> None:
+        """Record (or replace) ``row.user``'s checkpoint of ``row.kernel_id``; never another
+        user's: the key is the owner and the kernel id together."""
         self._db.execute(
-            f"INSERT OR REPLACE INTO checkpoints ({_CKPT_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO checkpoints ({_CKPT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (user, kernel_id) DO UPDATE SET host = excluded.host, "
+            "path = excluded.path, bytes = excluded.bytes, created_at = excluded.created_at, "
+            "lease_id = excluded.lease_id, state = excluded.state, "
+            "expired_at = excluded.expired_at",
             (
                 row.kernel_id,
                 row.user,
@@ -95,27 +101,59 @@ class HostRecords:
             ),
         )
 
-    def checkpoint(self, kernel_id: str) -> CheckpointRow | None:
+    def checkpoint(self, user: str, kernel_id: str) -> CheckpointRow | None:
+        """``user``'s checkpoint of kernel ``kernel_id``, or None."""
         with self._lock:
             row = self._db.execute(
-                f"SELECT {_CKPT_COLUMNS} FROM checkpoints WHERE kernel_id = ?", (kernel_id,)
+                f"SELECT {_CKPT_COLUMNS} FROM checkpoints WHERE user = ? AND kernel_id = ?",
+                (user, kernel_id),
             ).fetchone()
         return CheckpointRow(*row) if row else None
 
-    def checkpoints(self, state: str | None = None) -> list[CheckpointRow]:
-        query = f"SELECT {_CKPT_COLUMNS} FROM checkpoints"
-        args: tuple = ()
+    def checkpoints(
+        self, state: str | None = None, kernel_id: str | None = None
+    ) -> list[CheckpointRow]:
+        """Checkpoints (of one state, of one kernel id), oldest first."""
+        where, args = [], []
         if state is not None:
-            query, args = query + " WHERE state = ?", (state,)
+            where.append("state = ?")
+            args.append(state)
+        if kernel_id is not None:
+            where.append("kernel_id = ?")
+            args.append(kernel_id)
+        query = f"SELECT {_CKPT_COLUMNS} FROM checkpoints"
+        if where:
+            query += " WHERE " + " AND ".join(where)
         with self._lock:
-            rows = self._db.execute(query + " ORDER BY created_at", args).fetchall()
+            rows = self._db.execute(query + " ORDER BY created_at", tuple(args)).fetchall()
         return [CheckpointRow(*row) for row in rows]
 
-    def expire_checkpoint(self, kernel_id: str, now: float) -> None:
+    def expire_checkpoint(self, user: str, kernel_id: str, now: float) -> None:
         self._db.execute(
-            "UPDATE checkpoints SET state = 'expired', expired_at = ? WHERE kernel_id = ?",
-            (now, kernel_id),
+            "UPDATE checkpoints SET state = 'expired', expired_at = ? "
+            "WHERE user = ? AND kernel_id = ?",
+            (now, user, kernel_id),
         )
 
-    def forget_checkpoint(self, kernel_id: str) -> None:
-        self._db.execute("DELETE FROM checkpoints WHERE kernel_id = ?", (kernel_id,))
+    def forget_checkpoint(self, user: str, kernel_id: str) -> None:
+        self._db.execute(
+            "DELETE FROM checkpoints WHERE user = ? AND kernel_id = ?", (user, kernel_id)
+        )
+
+    # -- kernel ids and their owners -----------------------------------------------------------
+
+    def kernel_owner(self, kernel_id: str) -> str | None:
+        """The user who first leased a slot for ``kernel_id`` (it is theirs for good), or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT user FROM kernel_owners WHERE kernel_id = ?", (kernel_id,)
+            ).fetchone()
+        return row[0] if row else None
+
+    def claim_kernel(self, kernel_id: str, user: str, now: float) -> None:
+        """Make ``kernel_id`` ``user``'s, unless it is someone's already (inside the request's
+        transaction, after ``kernel_owner`` said it is free or theirs)."""
+        self._db.execute(
+            "INSERT OR IGNORE INTO kernel_owners (kernel_id, user, since) VALUES (?, ?, ?)",
+            (kernel_id, user, now),
+        )

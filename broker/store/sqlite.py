@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from broker.core.leases import Lease
+from broker.errors import BrokerError
 from broker.store.group_commit import GatedConnection, GroupCommit
 from broker.store.host_records import CheckpointRow as CheckpointRow  # re-exported
 from broker.store.host_records import FenceRow as FenceRow  # re-exported
@@ -33,7 +34,7 @@ from broker.store.host_records import HostRecords
 
 log = logging.getLogger("broker.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: kernel_owners, leases.request_id, checkpoints keyed by (user, kernel_id)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -51,7 +52,8 @@ CREATE TABLE IF NOT EXISTS leases (
     busy INTEGER NOT NULL DEFAULT 0,
     last_activity REAL,
     ended_at REAL,
-    end_reason TEXT
+    end_reason TEXT,
+    request_id TEXT
 );
 CREATE INDEX IF NOT EXISTS leases_live ON leases (state) WHERE state IN ('queued', 'granted');
 CREATE TABLE IF NOT EXISTS tokens (
@@ -69,7 +71,7 @@ CREATE TABLE IF NOT EXISTS host_state (
     changed_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS checkpoints (
-    kernel_id TEXT PRIMARY KEY,
+    kernel_id TEXT NOT NULL,
     user TEXT NOT NULL,
     host TEXT NOT NULL,
     path TEXT NOT NULL,
@@ -77,7 +79,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     created_at REAL NOT NULL,
     lease_id TEXT,
     state TEXT NOT NULL DEFAULT 'kept',
-    expired_at REAL
+    expired_at REAL,
+    PRIMARY KEY (user, kernel_id)
+);
+CREATE TABLE IF NOT EXISTS kernel_owners (
+    kernel_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    since REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS fences (
     slot_id TEXT PRIMARY KEY,
@@ -100,8 +108,40 @@ CREATE TABLE IF NOT EXISTS events (
 
 _LEASE_COLUMNS = (
     "id, seq, user, kind, kernel_id, state, slot_id, created_at, granted_at, last_heartbeat, "
-    "busy, last_activity, ended_at, end_reason"
+    "busy, last_activity, ended_at, end_reason, request_id"
 )
+# After the tables exist: the index on a column that version 1 databases get by migration.
+_INDEXES = (
+    "CREATE UNIQUE INDEX IF NOT EXISTS leases_request ON leases (user, request_id) "
+    "WHERE request_id IS NOT NULL"
+)
+# Version 1 -> 2: the new column, checkpoints keyed by their owner, owners of the kernel ids
+# leased so far (the first user to lease one keeps it).
+_MIGRATE_1_TO_2 = """
+ALTER TABLE leases ADD COLUMN request_id TEXT;
+ALTER TABLE checkpoints RENAME TO checkpoints_v1;
+CREATE TABLE checkpoints (
+    kernel_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    host TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    lease_id TEXT,
+    state TEXT NOT NULL DEFAULT 'kept',
+    expired_at REAL,
+    PRIMARY KEY (user, kernel_id)
+);
+INSERT INTO checkpoints SELECT kernel_id, user, host, path, bytes, created_at, lease_id, state,
+    expired_at FROM checkpoints_v1;
+DROP TABLE checkpoints_v1;
+INSERT OR IGNORE INTO kernel_owners (kernel_id, user, since)
+    SELECT kernel_id, user, created_at FROM leases ORDER BY seq;
+"""
+
+
+class StoreError(BrokerError):
+    """The database cannot be used by this broker (e.g. written by a newer version)."""
 
 
 @dataclass(frozen=True)
@@ -141,11 +181,32 @@ class Store(HostRecords):
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
         with self.transaction():
+            row = self._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            version = None
+            if row is not None:
+                found = self._db.execute(
+                    "SELECT value FROM meta WHERE key = 'schema_version'"
+                ).fetchone()
+                version = int(found[0]) if found else None
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            if version == 1:
+                log.info("upgrading %s from schema version 1 to %d", self.path, SCHEMA_VERSION)
+                for statement in _MIGRATE_1_TO_2.split(";"):
+                    if statement.strip():
+                        self._db.execute(statement)
+            elif version is not None and version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {version}, newer than this broker's "
+                    f"({SCHEMA_VERSION})",
+                    hint="run the jupyter-shared-gpu version that wrote it, or a newer one",
+                )
+            self._db.execute(_INDEXES)
             self._db.execute(
-                "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
             )
 
@@ -202,7 +263,7 @@ class Store(HostRecords):
         """Insert or replace one lease row (live or ended)."""
         self._db.execute(
             f"INSERT OR REPLACE INTO leases ({_LEASE_COLUMNS}) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 lease.id,
                 lease.seq,
@@ -218,6 +279,7 @@ class Store(HostRecords):
                 lease.last_activity,
                 lease.ended_at,
                 lease.end_reason,
+                lease.request_id,
             ),
         )
 
@@ -232,6 +294,15 @@ class Store(HostRecords):
         with self._lock:
             row = self._db.execute(
                 f"SELECT {_LEASE_COLUMNS} FROM leases WHERE id = ?", (lease_id,)
+            ).fetchone()
+        return _lease(row) if row else None
+
+    def lease_by_request(self, user: str, request_id: str) -> Lease | None:
+        """``user``'s lease made by their request ``request_id`` (a retried POST), or None."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_LEASE_COLUMNS} FROM leases WHERE user = ? AND request_id = ?",
+                (user, request_id),
             ).fetchone()
         return _lease(row) if row else None
 
@@ -364,6 +435,7 @@ def _lease(row: tuple) -> Lease:
         last_activity=act,
         ended_at=end[0],
         end_reason=end[1],
+        request_id=end[2],
     )
 
 

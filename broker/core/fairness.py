@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from broker.core.groups import GroupConfig
 from broker.core.leases import ANY_KIND, Lease
+from broker.core.slots import SlotPool
 
 
 @dataclass(frozen=True)
@@ -147,3 +148,35 @@ def blocked(
         if available - 1 < reservation.need:
             return True
     return False
+
+
+def pick_slot(
+    pool: SlotPool,
+    lease: Lease,
+    groups: tuple[GroupConfig, ...],
+    held: Mapping[str, int],
+    reservations: list[Reservation],
+) -> tuple[str, str | None] | None:
+    """The grantable slot ``lease`` may take (on its ``prefer_host`` if one is free there,
+    else the first in pool order) and the name of the group charged, or None. ``groups``: the
+    user's; ``held``: group name -> the user's leases charged to it."""
+    free = pool.free_counts() if reservations else {}
+    kinds = pool.free_kinds() if lease.kind == ANY_KIND else [lease.kind]
+    best: tuple[tuple[bool, int], str | None] | None = None  # (rank, group charged)
+    for kind in kinds:
+        rank = pool.rank(kind, lease.prefer_host)
+        if rank is None or (best is not None and rank > best[0]):
+            continue
+        group = None
+        if groups:
+            charged = charge_group(kind, groups, held)
+            if charged is None:
+                continue
+            group = charged.name
+        if reservations and blocked(lease.user, kind, reservations, free):
+            continue
+        best = (rank, group)
+    if best is None:
+        return None
+    return pool.id_at(best[0][1]), best[1]
+

@@ -54,9 +54,8 @@ from broker.core.events import (
 )
 from broker.core.fairness import (
     GrantContext,
-    blocked,
-    charge_group,
     grant_order,
+    pick_slot,
     reservation_needs,
 )
 from broker.core.idle import FORCED, asked_recently, slot_wanted, suspend_reason, wanted_kinds
@@ -342,7 +341,9 @@ class Scheduler(SchedulerState):
             lease = self._leases[heapq.heappop(ranked)[1]]
             if not may_hold(self.held_by(lease.user), self.policy):
                 continue
-            picked = self._pick(lease, reservations)
+            groups = self.groups_of(lease.user)
+            held = {group.name: self.held_in_group(lease.user, group.name) for group in groups}
+            picked = pick_slot(self.pool, lease, groups, held, reservations)
             if picked is None:
                 continue
             slot_id, group = picked
@@ -388,40 +389,6 @@ class Scheduler(SchedulerState):
         assert fence is not None
         return _need(fence)
 
-    def _pick(self, lease: Lease, reservations: list) -> tuple[str, str | None] | None:
-        """The grantable slot the lease may take (on its ``prefer_host`` if one is free there,
-        else the first in pool order), and the group charged."""
-        groups = self.groups_of(lease.user)
-        held = {group.name: self.held_in_group(lease.user, group.name) for group in groups}
-        free = self.pool.free_counts() if reservations else {}
-        kinds = self.pool.free_kinds() if lease.kind == ANY_KIND else [lease.kind]
-        best: tuple[tuple[bool, int], str | None] | None = None  # (rank, group charged)
-        for kind in kinds:
-            rank = self._rank(kind, lease.prefer_host)
-            if rank is None or (best is not None and rank > best[0]):
-                continue
-            group = None
-            if groups:
-                charged = charge_group(kind, groups, held)
-                if charged is None:
-                    continue
-                group = charged.name
-            if reservations and blocked(lease.user, kind, reservations, free):
-                continue
-            best = (rank, group)
-        if best is None:
-            return None
-        return self.pool.id_at(best[0][1]), best[1]
-
-    def _rank(self, kind: str, host: str | None) -> tuple[bool, int] | None:
-        """The first free slot of ``kind``: (not on ``host``, pool index), lowest first."""
-        if host is not None:
-            index = self.pool.first_free_on(kind, host)
-            if index is not None:
-                return (False, index)
-        index = self.pool.first_free(kind)
-        return None if index is None else (True, index)
-
 
 def _ignored(lease: Lease, now: float, policy: Policy) -> bool:
     """True when ``lease`` still holds its slot ``policy.obey_within`` after a forced order."""
@@ -430,6 +397,3 @@ def _ignored(lease: Lease, now: float, policy: Policy) -> bool:
 
 def _need(fence: Fence) -> FenceNeeded:
     return FenceNeeded(fence.slot_id, fence.lease_id, fence.host, fence.kernel_id)
-
-
-_ = ENDING  # re-exported

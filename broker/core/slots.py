@@ -111,6 +111,16 @@ class SlotPool:
         on_host = [i for i in free if self._slots[self._ids[i]].host == host]
         return min(on_host) if on_host else None
 
+    def rank(self, kind: str, host: str | None) -> tuple[bool, int] | None:
+        """The first grantable slot of ``kind`` as (not on ``host``, pool index), lowest
+        first: one on ``host`` (a resumed kernel's checkpoint is there) goes before the rest."""
+        if host is not None:
+            index = self.first_free_on(kind, host)
+            if index is not None:
+                return (False, index)
+        index = self.first_free(kind)
+        return None if index is None else (True, index)
+
     def id_at(self, index: int) -> str:
         return self._ids[index]
 

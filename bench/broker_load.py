@@ -111,12 +111,14 @@ def _cycles(args: tuple[str, str, int]) -> list[float]:
     return mine
 
 
-def with_broker(tmp: Path, live: int, users: int, sync: str, run: Callable) -> Row:
-    """Start a broker with ``live`` granted leases and ``users`` spare slots and tokens, then
-    ``run(url, tokens)`` -> (row, op count); fill in the broker's CPU per op."""
+def start_broker(
+    tmp: Path, live: int, spare: int, users: int, sync: str
+) -> tuple[BrokerServer, str, list[str]]:
+    """A broker in a thread with ``live`` granted leases (of other users), ``spare`` free slots
+    and a token for each of ``users`` bench users."""
     root = Path(tempfile.mkdtemp(dir=tmp))
     path = root / "broker.toml"
-    path.write_text(config_text(live + users))
+    path.write_text(config_text(live + spare))
     config = parse_config(path.read_text(), path)
     store = Store(config.server.database)
     tokens = [create_token(store, f"bench{i}")[0] for i in range(users)]
@@ -128,6 +130,13 @@ def with_broker(tmp: Path, live: int, users: int, sync: str, run: Callable) -> R
     server.call(
         lambda: [service.request_lease(f"live{i}", f"user{i}", "sim", f"k{i}") for i in range(live)]
     )
+    return server, url, tokens
+
+
+def with_broker(tmp: Path, live: int, users: int, sync: str, run: Callable) -> Row:
+    """Start a broker with ``live`` granted leases and ``users`` spare slots and tokens, then
+    ``run(url, tokens)`` -> (row, op count); fill in the broker's CPU per op."""
+    server, url, tokens = start_broker(tmp, live, users, users, sync)
     cpu0 = time.process_time()
     try:
         row, ops = run(url, tokens)
@@ -214,20 +223,7 @@ def _phases(args: tuple) -> None:
 def per_kind(tmp: Path, live: int, clients: int, count: int, beats: int, sync: str) -> list[Row]:
     """Grant, heartbeat and release throughput, one request kind at a time, ``clients``
     processes against a broker with ``live`` granted leases; CPU per request of the broker."""
-    root = Path(tempfile.mkdtemp(dir=tmp))
-    path = root / "broker.toml"
-    path.write_text(config_text(live + clients * count))
-    config = parse_config(path.read_text(), path)
-    store = Store(config.server.database)
-    tokens = [create_token(store, f"bench{i}")[0] for i in range(clients)]
-    store.close()
-    server = BrokerServer(config, port=0, tick_interval=1.0, synchronous=sync)
-    url = server.start_in_thread()
-    service = server.service
-    assert service is not None
-    server.call(
-        lambda: [service.request_lease(f"live{i}", f"user{i}", "sim", f"k{i}") for i in range(live)]
-    )
+    server, url, tokens = start_broker(tmp, live, clients * count, clients, sync)
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
     procs = [

@@ -36,7 +36,21 @@ log = logging.getLogger("broker.store")
 
 SCHEMA_VERSION = 2  # 2: kernel_owners, leases.request_id, checkpoints keyed by (user, kernel_id)
 
-_SCHEMA = """
+# checkpoints: one row per (owner, kernel id)
+_CHECKPOINTS = """(
+    kernel_id TEXT NOT NULL,
+    user TEXT NOT NULL,
+    host TEXT NOT NULL,
+    path TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    lease_id TEXT,
+    state TEXT NOT NULL DEFAULT 'kept',
+    expired_at REAL,
+    PRIMARY KEY (user, kernel_id)
+)"""
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS leases (
     id TEXT PRIMARY KEY,
@@ -70,18 +84,7 @@ CREATE TABLE IF NOT EXISTS host_state (
     drained INTEGER NOT NULL,
     changed_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS checkpoints (
-    kernel_id TEXT NOT NULL,
-    user TEXT NOT NULL,
-    host TEXT NOT NULL,
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    lease_id TEXT,
-    state TEXT NOT NULL DEFAULT 'kept',
-    expired_at REAL,
-    PRIMARY KEY (user, kernel_id)
-);
+CREATE TABLE IF NOT EXISTS checkpoints {_CHECKPOINTS};
 CREATE TABLE IF NOT EXISTS kernel_owners (
     kernel_id TEXT PRIMARY KEY,
     user TEXT NOT NULL,
@@ -102,7 +105,7 @@ CREATE TABLE IF NOT EXISTS events (
     kind TEXT NOT NULL,
     lease_id TEXT,
     user TEXT,
-    detail TEXT NOT NULL DEFAULT '{}'
+    detail TEXT NOT NULL DEFAULT '{{}}'
 );
 """
 
@@ -117,21 +120,10 @@ _INDEXES = (
 )
 # Version 1 -> 2: the new column, checkpoints keyed by their owner, owners of the kernel ids
 # leased so far (the first user to lease one keeps it).
-_MIGRATE_1_TO_2 = """
+_MIGRATE_1_TO_2 = f"""
 ALTER TABLE leases ADD COLUMN request_id TEXT;
 ALTER TABLE checkpoints RENAME TO checkpoints_v1;
-CREATE TABLE checkpoints (
-    kernel_id TEXT NOT NULL,
-    user TEXT NOT NULL,
-    host TEXT NOT NULL,
-    path TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    lease_id TEXT,
-    state TEXT NOT NULL DEFAULT 'kept',
-    expired_at REAL,
-    PRIMARY KEY (user, kernel_id)
-);
+CREATE TABLE checkpoints {_CHECKPOINTS};
 INSERT INTO checkpoints SELECT kernel_id, user, host, path, bytes, created_at, lease_id, state,
     expired_at FROM checkpoints_v1;
 DROP TABLE checkpoints_v1;

@@ -8,13 +8,15 @@ slot), so it cannot be kept exactly between events; the queue keeps the order of
 instead, for positions: a new request goes in by bisection under that sort's key, a leaving one
 comes out, and the scheduler drops the whole order (``invalidate``) only when time passed or a
 user's usage changed, so it is sorted again when next read, not on every event. Grants never
-read it: ``broker.core.scheduler`` sorts the candidates for a free slot afresh, at the event's
-time, so fairness and aging are exactly ``grant_order``'s.
+read it: ``broker.core.scheduler`` orders the candidates for a free slot afresh, at the event's
+time (``in_grant_order``, which merges each user's runs and works out only what it is asked
+for), so fairness and aging are exactly ``grant_order``'s.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable, Iterable, Iterator
 
 from broker.core.leases import Lease
@@ -117,3 +119,25 @@ class WaitingQueue:
             order = self.ordered(make_key)
             self._index = {lid: at for at, lid in enumerate(order, start=1)}
         return self._index[lease_id]
+
+
+def in_grant_order(
+    candidates: list[str], leases: dict[str, Lease], key: Key
+) -> Iterator[str]:
+    """``candidates`` (in arrival order) in ``grant_order``, worked out only as far as the caller
+    reads. Requests of one user for one kind differ only in arrival (and aging, which follows
+    arrival), so each such run is already in order: a heap merges the runs, and a request's key
+    is computed only when it heads its run."""
+    runs: dict[tuple[str, str], list[str]] = {}
+    for lease_id in candidates:
+        lease = leases[lease_id]
+        runs.setdefault((lease.user, lease.kind), []).append(lease_id)
+    heap = [(key(run[0]), 0, run) for run in runs.values()]
+    heapq.heapify(heap)
+    while heap:
+        _, at, run = heap[0]
+        yield run[at]
+        if at + 1 < len(run):
+            heapq.heapreplace(heap, (key(run[at + 1]), at + 1, run))
+        else:
+            heapq.heappop(heap)

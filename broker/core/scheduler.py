@@ -26,7 +26,6 @@ usage):
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Iterable
 from dataclasses import replace
 from functools import partial
@@ -61,6 +60,7 @@ from broker.core.fairness import (
 from broker.core.idle import FORCED, asked_recently, slot_wanted, suspend_reason, wanted_kinds
 from broker.core.leases import ANY_KIND, Lease, fits
 from broker.core.policy import Policy, may_hold
+from broker.core.queue import in_grant_order
 from broker.core.quota import UsageRecord, day_of, quota_message
 from broker.core.slots import Fence, SlotState
 from broker.core.state import SchedulerState, quota_users
@@ -334,11 +334,8 @@ class Scheduler(SchedulerState):
             return out
         sessions = tuple(g for g in self.policy.groups if g.in_session(now) is not None)
         reservations = reservation_needs(sessions, self._holders(), now) if sessions else []
-        key = self._key_at(now)
-        ranked = [(key(lease_id), lease_id) for lease_id in candidates]
-        heapq.heapify(ranked)  # in grant order, without sorting those nobody reaches
-        while ranked:
-            lease = self._leases[heapq.heappop(ranked)[1]]
+        for lease_id in in_grant_order(candidates, self._leases, self._key_at(now)):
+            lease = self._leases[lease_id]
             if not may_hold(self.held_by(lease.user), self.policy):
                 continue
             groups = self.groups_of(lease.user)

@@ -320,6 +320,9 @@ def fence(rdir: Path, grace: float) -> dict:
             time.sleep(POLL_INTERVAL * 5)
         if _owned_pid(rdir) is not None:
             _kill_group(pid)
+            deadline = time.monotonic() + KILL_GRACE  # SIGKILL is sent; wait until it is gone
+            while time.monotonic() < deadline and _owned_pid(rdir) is not None:
+                time.sleep(POLL_INTERVAL)
     status = kernel_status(rdir)
     checkpoint = None
     if status.exit_code == SUSPENDED_EXIT_CODE:

@@ -8,13 +8,14 @@ local made = 0
 function setup(thread)
   made = made + 1
   thread:set("token", tokens[made])
+  thread:set("kid", "k" .. made)  -- a kernel id is its first user's: one per thread
 end
 
 local lease = nil
 function request()
   local headers = {["Authorization"] = "Bearer " .. token, ["Content-Type"] = "application/json"}
   if lease == nil then
-    return wrk.format("POST", "/api/v1/leases", headers, '{"kind": "sim", "kernel_id": "k"}')
+    return wrk.format("POST", "/api/v1/leases", headers, '{"kind": "sim", "kernel_id": "' .. kid .. '"}')
   end
   return wrk.format("DELETE", "/api/v1/leases/" .. lease, headers, "")
 end

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from broker.durations import format_duration
+from broker.config.durations import format_duration
 from gpu_kernel.errors import SharedGPUError
 
 
@@ -79,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--config", required=True, metavar="FILE")
     create.add_argument("--user", required=True)
     create.add_argument("--role", choices=("user", "teacher", "admin"), default="user")
-    create.add_argument("--output", metavar="FILE", help="write the token here (mode 0600)")
+    create.add_argument(
+        "--output",
+        metavar="FILE",
+        help="write the token to this new file (mode 0600; as root: owned by --user, who must "
+        "be a Unix user here), or print it with -",
+    )
     create.set_defaults(func=cmd_token_create)
     listing = tsub.add_parser("list", help="list tokens (ids and prefixes, never the tokens)")
     listing.add_argument("--config", required=True, metavar="FILE")
@@ -121,13 +126,13 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def _load(path: str) -> Any:
-    from broker.config import load_config
+    from broker.config.loader import load_config
 
     return load_config(path)
 
 
 def _store(config_path: str) -> Any:
-    from broker.store import Store
+    from broker.store.sqlite import Store
 
     return Store(_load(config_path).server.database)
 
@@ -136,7 +141,7 @@ def _store(config_path: str) -> Any:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from broker.server import serve
+    from broker.daemon import serve
 
     config = _load(args.config)
     logging.basicConfig(
@@ -322,18 +327,25 @@ def _age(now: float, since: float | None) -> str:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
-    from broker.auth import create_token
+    from broker.http.auth import create_token
+    from broker.token_file import check_output, write_token_file
 
+    output = None if args.output in (None, "-") else Path(args.output).expanduser()
+    if output is not None:
+        check_output(output, args.user)  # before the token exists: a refusal leaves nothing
     store = _store(args.config)
     try:
         token, row = create_token(store, args.user, args.role)
     finally:
         store.close()
-    if args.output:
-        _write_private(Path(args.output).expanduser(), token + "\n")
+    if args.output == "-":
+        print(token)
+        print(f"token {row.id} for {row.user} ({row.role})", file=sys.stderr)
+    elif output is not None:
+        owner = write_token_file(output, token + "\n", args.user)
         print(
             f"token {row.id} ({row.prefix}...) for {row.user} ({row.role}) written to "
-            f"{args.output} (mode 0600)"
+            f"{output} (mode 0600, owned by {owner})"
         )
     else:
         print(token)
@@ -345,18 +357,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_private(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def cmd_token_list(args: argparse.Namespace) -> int:
-    from broker.auth import list_tokens
+    from broker.http.auth import list_tokens
 
     store = _store(args.config)
     try:
@@ -375,7 +377,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    from broker.auth import revoke_token
+    from broker.http.auth import revoke_token
 
     store = _store(args.config)
     try:

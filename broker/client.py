@@ -23,6 +23,7 @@ import os
 import socket
 import stat
 import urllib.parse
+import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -140,11 +141,23 @@ class BrokerClient:
 
     # -- API -------------------------------------------------------------------------------
 
-    def request_lease(self, kind: str, kernel_id: str, resume_from: str | None = None) -> Lease:
+    def request_lease(
+        self,
+        kind: str,
+        kernel_id: str,
+        resume_from: str | None = None,
+        request_id: str | None = None,
+    ) -> Lease:
         """Ask for a slot: the lease comes back granted or queued (then poll ``get_lease``).
         ``resume_from``: a suspended kernel's id; a free slot on its checkpoint's host is
-        preferred (no copy needed)."""
-        body: dict[str, Any] = {"kind": kind, "kernel_id": kernel_id}
+        preferred (no copy needed). Every call sends a ``request_id`` (a new one unless given),
+        so the retry of a request whose reply was lost returns the same lease, never a second
+        one."""
+        body: dict[str, Any] = {
+            "kind": kind,
+            "kernel_id": kernel_id,
+            "request_id": request_id or uuid.uuid4().hex,
+        }
         if resume_from:
             body["resume_from"] = resume_from
         return Lease.from_json(self._call("POST", "/api/v1/leases", body))
@@ -165,7 +178,9 @@ class BrokerClient:
         self, lease_id: str, reason: str = "released", checkpoint: dict[str, Any] | None = None
     ) -> Lease:
         """End the lease. ``reason="suspended"`` with ``checkpoint`` ({"host", "path",
-        "bytes", "kernel_id"}): the kernel saved its state there; the broker remembers it."""
+        "bytes", "kernel_id"}): the kernel saved its state there; the broker remembers it.
+        ``reason="kernel_may_run"``: the kernel could not be stopped for sure (host unreachable
+        at shutdown); the broker fences its slot before it grants it again."""
         path = f"/api/v1/leases/{urllib.parse.quote(lease_id, safe='')}"
         body: dict[str, Any] | None = None
         if reason != "released" or checkpoint is not None:

@@ -1,7 +1,7 @@
 """Errors the broker raises on purpose: every one is a ``SharedGPUError`` with a hint.
 
-``broker.config`` raises ``ConfigError``; ``gpu-broker check-config`` and ``serve`` print it as it
-is (one line per problem, each naming file, line and key), never a traceback.
+``broker.config.loader`` raises ``ConfigError``; ``gpu-broker check-config`` and ``serve`` print it
+as it is (one line per problem, each naming file, line and key), never a traceback.
 """
 
 from __future__ import annotations

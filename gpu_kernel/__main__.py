@@ -4,6 +4,8 @@ python -m gpu_kernel launch                       # LaunchRequest line on stdin
 python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N --host NAME [--runtime-root DIR]
 python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint --host NAME   # tar stream
 python -m gpu_kernel ctl KERNEL_ID watch --host NAME   # a status line a second until it ends
+python -m gpu_kernel ctl KERNEL_ID fence --host NAME [--grace S]   # save (SAVE_SIGNAL), then kill
+python -m gpu_kernel fence [--as-self]            # the fencing account's forced command (fence.py)
 python -m gpu_kernel probe                        # GPUs and MIG devices (NVML), one JSON line
 python -m gpu_kernel kernel -f CONNFILE           # the kernel itself (the launcher runs it)
 """
@@ -30,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
             "status",
             "signal",
             "kill",
+            "fence",
             "cleanup",
             "watch",
             "export-checkpoint",
@@ -43,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the broker's name of this host (runtime dirs are <root>/<host>/<kernel_id>)",
     )
     ctl.add_argument(
+        "--grace", type=float, default=30.0, help="fence: seconds the kernel has to save itself"
+    )
+    ctl.add_argument(
         "--runtime-root",
         default=None,
         help="default: $SHARED_GPU_RUNTIME_ROOT or ~/.local/share/jupyter-shared-gpu/kernels",
@@ -54,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["fence"]:  # the fencing account's forced command: its own strict parser
+        from gpu_kernel.fence import main as fence_main
+
+        return fence_main(argv[1:])
     args, rest = _parser().parse_known_args(argv)
     if args.command == "kernel":
         from gpu_kernel.kernelapp import run
@@ -84,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return launcher.watch(rdir, sys.stdout.buffer)
     try:
+        if args.action == "fence":
+            rdir = launcher.runtime_dir(args.runtime_root, args.host, args.kernel_id)
+            print(json.dumps(launcher.fence(rdir, args.grace)), flush=True)
+            return 0
         if args.action == "signal" and args.signum is None:
             raise BadRequest("`signal` needs a signal number", "e.g. `ctl KERNEL_ID signal 2`")
         result = launcher.ctl_main(

@@ -9,7 +9,8 @@ exits (cleanly, by ``sys.exit``, or by SIGTERM), so ``ctl status`` can report it
 ``<runtime dir>/checkpoint``, reply, exit with ``SUSPENDED_EXIT_CODE``), ``restore_request``,
 ``shared_gpu_info``; an orphan watchdog (no control message for ``SHARED_GPU_ORPHAN_GRACE`` s,
 default 120, "0" disables: suspend itself once idle; armed when that variable is set or the first
-``shared_gpu_info`` arrives); and the ``%gpu`` magics.
+``shared_gpu_info`` arrives); ``SAVE_SIGNAL`` (the broker's fence: save as soon as no cell runs,
+exit with ``SUSPENDED_EXIT_CODE``); and the ``%gpu`` magics.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ from gpu_kernel.control import (
     restore_reply,
     suspend_reply,
 )
-from gpu_kernel.protocol import SUSPENDED_EXIT_CODE
+from gpu_kernel.protocol import SAVE_SIGNAL, SUSPENDED_EXIT_CODE
 
 LOOPBACK = "127.0.0.1"
 SUSPENDED_NOTICE = "shared_gpu_suspended"  # IOPub: the kernel saved itself and will exit
 ORPHAN_EXIT_CODE = 70  # orphaned and the checkpoint failed: exits anyway, the GPU goes back
 EXIT_DELAY = 0.2  # s between the last reply and the exit, for IOPub's idle status to go out
+SAVE_RETRY = 0.1  # s between two looks at a running cell after SAVE_SIGNAL
 
 
 class GPUKernel(IPythonKernel):
@@ -91,6 +93,7 @@ class GPUKernel(IPythonKernel):
             period = max(50.0, min(1000.0, self.orphan_grace * 250))
             self._watchdog = PeriodicCallback(self._check_orphaned, period)
             self._watchdog.start()
+        signal.signal(SAVE_SIGNAL, self._on_save_signal)
 
     # -- activity ------------------------------------------------------------------------------
 
@@ -292,6 +295,30 @@ class GPUKernel(IPythonKernel):
             return  # a cell or a suspend started meanwhile: look again at the next tick
         except Exception:
             self.log.exception("orphaned and the checkpoint failed: exiting to free the GPU")
+            self._exit(ORPHAN_EXIT_CODE)
+            return
+        self._exit(SUSPENDED_EXIT_CODE)
+
+    # -- SAVE_SIGNAL: the broker's fence asks for a save before it ends the kernel --------------
+
+    def _on_save_signal(self, signum: int, frame: object) -> None:
+        """Signal handler (main thread, between bytecodes): hand the save to the IO loop."""
+        self.io_loop.add_callback(self._save_for_fence)
+
+    def _save_for_fence(self) -> None:
+        """Save the namespace as soon as no cell runs (as the orphan watchdog does), then exit
+        with SUSPENDED_EXIT_CODE; ORPHAN_EXIT_CODE when the save failed (the fence kills what
+        is left after its grace either way)."""
+        if self.exit_status is not None or self.activity.suspending:
+            return  # already on its way out (a suspend or the watchdog saves)
+        self.log.warning("SAVE_SIGNAL: the broker is ending this kernel; saving first")
+        try:
+            self.checkpoint("fenced")
+        except KernelBusy:
+            self.io_loop.call_later(SAVE_RETRY, self._save_for_fence)  # a cell runs: wait
+            return
+        except Exception:
+            self.log.exception("SAVE_SIGNAL: the checkpoint failed; exiting without it")
             self._exit(ORPHAN_EXIT_CODE)
             return
         self._exit(SUSPENDED_EXIT_CODE)

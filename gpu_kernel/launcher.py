@@ -4,7 +4,9 @@
 ``LaunchRequest`` line on stdin, starts the kernel in its own session (so it outlives the SSH
 channel), waits until it listens, and prints one ``LaunchReply`` line. ``remote.status`` /
 ``signal`` / ``kill`` / ``cleanup`` run ``ctl``, which acts only on the process whose pid file is in
-the kernel's runtime dir and whose command line names that kernel's connection file.
+the kernel's runtime dir and whose command line names that kernel's connection file. ``fence``
+(``ctl KERNEL_ID fence``, and the fencing account's ``gpu_kernel.fence``) asks the kernel to
+save itself before it kills it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from gpu_kernel.errors import BadRequest
 from gpu_kernel.protocol import (
     PORT_NAMES,
     PROTOCOL_VERSION,
+    SAVE_SIGNAL,
     SUSPENDED_EXIT_CODE,
     KernelStatus,
     LaunchReply,
@@ -297,6 +300,11 @@ def _kill_group(pid: int, grace: float = KILL_GRACE) -> None:
         time.sleep(POLL_INTERVAL)
     with contextlib.suppress(OSError):  # no pid reuse while its group still exists
         send(pid, signal.SIGKILL)
+    deadline = time.monotonic() + grace  # SIGKILL cannot be refused: wait until it landed, so
+    while time.monotonic() < deadline:  # the status the caller gets next says "gone"
+        if not (_group_alive(pid) if group else _proc_state(pid) not in (None, "Z", "X")):
+            return
+        time.sleep(POLL_INTERVAL)
 
 
 def kernel_status(rdir: Path) -> KernelStatus:
@@ -319,9 +327,9 @@ def saved_checkpoint(rdir: Path) -> dict | None:
     except (OSError, ValueError, AttributeError):
         pass
     default = rdir / "checkpoint"
-    if not (default / "manifest.json").is_file():
+    if default.is_symlink() or not (default / "manifest.json").is_file():
         return None
-    size = sum(p.stat().st_size for p in default.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in default.rglob("*") if p.is_file() and not p.is_symlink())
     return {"path": str(default), "bytes": size}
 
 
@@ -386,6 +394,27 @@ def watch(
     return 0
 
 
+def fence(rdir: Path, grace: float) -> dict:
+    """``ctl KERNEL_ID fence``: end the kernel in ``rdir``, letting it save first. Sends it
+    ``SAVE_SIGNAL`` (it saves its namespace as soon as no cell runs, then exits with
+    ``SUSPENDED_EXIT_CODE``), waits up to ``grace`` seconds for it to exit, then kills what is
+    left (SIGTERM, SIGKILL). Answers ``{"alive", "exit_code", "checkpoint"}``, where
+    ``checkpoint`` is ``{"path", "bytes"}`` when the kernel saved itself, else null. The runtime
+    dir is kept (``cleanup`` removes it). The fencing account's command
+    (``gpu_kernel.fence``) runs this."""
+    pid = _owned_pid(rdir)
+    if pid is not None:
+        with contextlib.suppress(OSError):  # gone meanwhile: nothing to ask
+            os.kill(pid, SAVE_SIGNAL)
+        deadline = time.monotonic() + max(0.0, grace)
+        while time.monotonic() < deadline and _owned_pid(rdir) is not None:
+            time.sleep(POLL_INTERVAL * 5)
+        if _owned_pid(rdir) is not None:
+            _kill_group(pid)  # returns once the kernel is gone
+    status = kernel_status(rdir)
+    return {"alive": status.alive, "exit_code": status.exit_code, "checkpoint": status.checkpoint}
+
+
 def ctl_main(
     kernel_id: str, action: str, signum: int | None, root: str | None, host_name: str
 ) -> KernelStatus:
@@ -405,5 +434,7 @@ def ctl_main(
             shutil.rmtree(rdir, ignore_errors=True)
             return status
     elif action != "status":
-        raise BadRequest(f"unknown ctl action {action!r}", "status, signal N, kill or cleanup")
+        raise BadRequest(
+            f"unknown ctl action {action!r}", "status, signal N, kill, fence or cleanup"
+        )
     return kernel_status(rdir)

@@ -1,8 +1,8 @@
 """``python -m gpu_kernel probe``: the host's GPUs and MIG devices as one JSON line.
 
-The broker runs it over SSH for hosts with ``gpus = "auto"`` (``broker.discovery``). The line is
-``{"ok": true, "nvml": bool, "hostname": str, "version": str, "devices": [...]}`` with the devices
-of ``gpu_kernel.nvml.list_devices``; ``nvml`` is false where NVML is missing (no driver, no
+The broker runs it over SSH for hosts with ``gpus = "auto"`` (``broker.hosts.discovery``). The line
+is ``{"ok": true, "nvml": bool, "hostname": str, "version": str, "devices": [...]}`` with the
+devices of ``gpu_kernel.nvml.list_devices``; ``nvml`` is false where NVML is missing (no driver, no
 nvidia-ml-py), so the broker can say why a host shows no GPUs.
 """
 

@@ -57,6 +57,7 @@ class HostTarget:
     host_keys: tuple[str, ...] = ()  # "keytype base64" lines, trusted as well
     python: str = "python3"
     connect_timeout: float = 10.0
+    nodelay_pty: bool = True  # keep a pty session open (TCP_NODELAY); a forced-command key has none
 
     @property
     def is_local(self) -> bool:
@@ -302,10 +303,12 @@ class SSHConnection(HostConnection):
             self._authenticate()
             # sshd sets TCP_NODELAY on its side only once a session with a pty runs a command;
             # without it small ZMQ replies stall on Nagle + delayed ACK (~48 ms vs ~8 ms).
+            self._pty: paramiko.Channel | None = None
             try:
-                self._pty = self._transport.open_session(timeout=self.target.connect_timeout)
-                self._pty.get_pty()
-                self._pty.exec_command("cat")
+                if self.target.nodelay_pty:
+                    self._pty = self._transport.open_session(timeout=self.target.connect_timeout)
+                    self._pty.get_pty()
+                    self._pty.exec_command("cat")
             except (paramiko.SSHException, OSError, EOFError) as e:
                 raise self._lost(e) from e
         except BaseException:
@@ -511,7 +514,8 @@ class SSHConnection(HostConnection):
             pump = self._pump
         if pump is not None:
             pump.stop()
-        self._pty.close()
+        if self._pty is not None:
+            self._pty.close()
         self._transport.close()  # also ends a channel open the pump may be waiting on
         if pump is not None:
             pump.join()

@@ -21,6 +21,7 @@ or queue an operation.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal as _signal
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from broker.client import BrokerClient, Lease
+from broker.client import BrokerClient, HostInfo, Lease
 from broker.errors import BrokerError
 from gpu_kernel.cancel import Cancelled, CancelToken
 from gpu_kernel.checkpoint import format_bytes
@@ -750,6 +751,9 @@ class KernelSession:
         return {
             "lease_id": lease.id if lease else None,
             "kernel": kernel.reply.to_json() if kernel else None,
+            # where the kernel runs: if its lease ends while no server hears from it, the fence
+            # saves it there, and a re-attach resumes it from that host
+            "host": dataclasses.asdict(lease.host) if lease and lease.host else None,
             "saved": saved.to_json() if saved else None,
             "proxy_ports": dict(self.proxy.ports),
         }
@@ -777,7 +781,7 @@ class KernelSession:
         finally:
             client.close()
         if lease.state != "granted":
-            self._reattach_saved(lease, records)
+            self._reattach_saved(lease, records, HostInfo.from_json(saved.get("host")))
             return
         assert lease.host is not None
         token = deadline(self.settings.launch_timeout)
@@ -797,9 +801,14 @@ class KernelSession:
         self.info.wanted()
         self._say(f"re-attached to the kernel on {lease.host.name}")
 
-    def _reattach_saved(self, lease: Lease, records: list[dict[str, Any]]) -> None:
+    def _reattach_saved(
+        self, lease: Lease, records: list[dict[str, Any]], host: HostInfo | None
+    ) -> None:
+        """The lease ended while no server heard from the kernel: its fence saved it (the
+        broker's record says where) on the host it ran on."""
+        host = host or lease.host
         saved = [r for r in records if r.get("state") != "expired" and r.get("host")]
-        if not saved or lease.host is None or saved[0]["host"] != lease.host.name:
+        if not saved or host is None or saved[0]["host"] != host.name:
             raise LeaseLost(
                 f"cannot re-attach: the broker ended lease {lease.id} ({lease.state}) and "
                 "holds no saved state of the kernel",
@@ -807,7 +816,7 @@ class KernelSession:
             )
         record = saved[0]
         self.saved = SavedState(
-            lease.host,
+            host,
             record.get("path") or None,
             int(record.get("bytes") or 0),
             "the Jupyter server went away",
@@ -815,4 +824,4 @@ class KernelSession:
         )
         self._advance(Event.ADOPT_SAVED)
         self.proxy.stand_in(self.wake)
-        self._say(f"re-attached: the kernel's state is saved on {lease.host.name}")
+        self._say(f"re-attached: the kernel's state is saved on {host.name}")

@@ -12,13 +12,11 @@ import re
 from dataclasses import dataclass, fields
 from typing import Any
 
+from broker.config.durations import parse_duration
 from gpu_kernel.errors import SharedGPUError
 
 DEFAULT_TOKEN_ENV = "SHARED_GPU_TOKEN"
 DEFAULT_TOKEN_FILE = "~/.config/jupyter-shared-gpu/token"
-
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class SettingsError(SharedGPUError):
@@ -26,22 +24,15 @@ class SettingsError(SharedGPUError):
 
 
 def parse_seconds(value: Any, key: str) -> float:
-    """Accept a number of seconds or a duration such as "90s", "15m", "1h30m"."""
-    if isinstance(value, bool):
-        raise SettingsError(f'{key}: expected a duration such as "90s" or "10m", got {value!r}')
-    if isinstance(value, int | float):
-        seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        text = value.strip().replace(" ", "")
-        parts = _DURATION.findall(text)
-        if "".join(n + u for n, u in parts) != text:
-            raise SettingsError(
-                f"{key}: {value!r} is not a duration",
-                'write a number with a unit, such as "90s", "10m" or "1h30m"',
-            )
-        seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    else:
-        raise SettingsError(f'{key}: expected a duration such as "90s" or "10m", got {value!r}')
+    """A duration longer than zero: seconds, or text such as "90s", "15m", "1h30m" (the broker's
+    parser, ``broker.config.durations``, so the kernelspec and the broker config agree)."""
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise SettingsError(
+            f"{key}: {value!r} is not a duration",
+            'write a number with a unit, such as "90s", "10m" or "1h30m"',
+        ) from None
     if seconds <= 0:
         raise SettingsError(f"{key}: must be longer than zero, got {value!r}")
     return seconds

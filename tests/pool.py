@@ -55,6 +55,8 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
             f'key_file = "{keys.key_file}"',
             f'known_hosts = "{keys.known_hosts}"',
             f'python = "{sys.executable}"',
+            f'fence_user = "{host.user}"',
+            f'fence_key_file = "{keys.fence_key_file}"',
             "  [[hosts.slots]]",
             '  kind = "sim"',
             f'  device = "{index}"',

@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +55,20 @@ def keygen(path: Path) -> str:
     return path.with_suffix(".pub").read_text().strip()
 
 
+FENCE_COMMAND = f"{sys.executable} -m gpu_kernel fence --as-self"
+
+
 @dataclass
 class ClientKeys:
-    """The one client key every test host accepts, and the known_hosts file for them."""
+    """The one client key every test host accepts, and the known_hosts file for them; plus the
+    broker's fencing key (``fence_key_file``), which runs only ``FENCE_COMMAND`` (the hosts run
+    their kernels as the test's own user, so the fencing command acts as itself)."""
 
     dir: Path
     key_file: Path = field(init=False)
     public: str = field(init=False)
     known_hosts: Path = field(init=False)
+    fence_key_file: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.key_file = self.dir / "id_ed25519"
@@ -70,6 +77,16 @@ class ClientKeys:
         self.known_hosts.write_text("")
         self.authorized_keys = self.dir / "authorized_keys"
         self.authorized_keys.write_text(self.public + "\n")
+        self.fence_key_file = self.forced_key("fence_ed25519", FENCE_COMMAND)
+
+    def forced_key(self, name: str, command: str) -> Path:
+        """A new key that the test hosts accept only to run ``command`` (sshd's forced command,
+        with ``restrict``: no pty, no forwarding), as a fencing account's key is set up."""
+        path = self.dir / name
+        public = keygen(path)
+        with self.authorized_keys.open("a") as f:
+            f.write(f'restrict,command="{command}" {public}\n')
+        return path
 
 
 @dataclass
@@ -85,6 +102,11 @@ class TestHost:
     proc: subprocess.Popen | None = None
     netns: NetNamespace | None = None  # run sshd in this namespace, on its address
     runtime_root: Path | None = None  # default: <dir>/kernels (a shared one: an NFS home)
+    # Hosts with real Unix users: who may log in, where each one's authorized_keys is (sshd's
+    # %u pattern), extra sshd_config lines, and no shared runtime root (each user's home).
+    users: tuple[str, ...] = ()
+    authorized_keys_file: str | None = None
+    extra_config: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -94,7 +116,8 @@ class TestHost:
         self.address = self.netns.address if self.netns else "127.0.0.1"
         self.port = self.port or (22 if self.netns else free_port())
         self.user = getpass.getuser()
-        self.runtime_root = self.runtime_root or self.dir / "kernels"
+        if not self.users:
+            self.runtime_root = self.runtime_root or self.dir / "kernels"
 
     @property
     def known_hosts_line(self) -> str:
@@ -103,6 +126,12 @@ class TestHost:
 
     def _write_config(self) -> Path:
         config = self.dir / "sshd_config"
+        # A session killed mid-`pyenv rehash` (from ~/.bashrc) leaves a lock that makes every
+        # later login wait 60 s; with PYENV_REHASH_TIMEOUT it waits 1 s at most. Each test host
+        # keeps its kernels (and checkpoints) apart, as separate machines would.
+        env = "SetEnv PYENV_REHASH_TIMEOUT=1"
+        if self.runtime_root is not None:
+            env += f" SHARED_GPU_RUNTIME_ROOT={self.runtime_root}"
         config.write_text(
             "\n".join(
                 [
@@ -110,22 +139,18 @@ class TestHost:
                     f"ListenAddress {self.address}",
                     f"HostKey {self.host_key}",
                     f"PidFile {self.dir / 'sshd.pid'}",
-                    f"AuthorizedKeysFile {self.keys.authorized_keys}",
+                    f"AuthorizedKeysFile {self.authorized_keys_file or self.keys.authorized_keys}",
                     "PubkeyAuthentication yes",
                     "PasswordAuthentication no",
                     "KbdInteractiveAuthentication no",
                     "UsePAM no",
                     "StrictModes no",
-                    "PermitRootLogin prohibit-password",
-                    f"AllowUsers {self.user}",
+                    *(self.extra_config or ["PermitRootLogin prohibit-password"]),
+                    f"AllowUsers {' '.join(self.users or (self.user,))}",
                     "MaxSessions 64",
                     "MaxStartups 64",
                     "LogLevel ERROR",
-                    # A session killed mid-`pyenv rehash` (from ~/.bashrc) leaves a lock that
-                    # makes every later login wait 60 s; with this it waits 1 s at most.
-                    # Each test host keeps its kernels (and checkpoints) apart, as separate
-                    # machines would.
-                    f"SetEnv PYENV_REHASH_TIMEOUT=1 SHARED_GPU_RUNTIME_ROOT={self.runtime_root}",
+                    env,
                     "",
                 ]
             )

@@ -3,6 +3,7 @@ real HTTP API (a broker on a loopback port, SQLite in tmp_path) and the CLI."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -12,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from broker.auth import create_token
 from broker.cli import main
 from broker.client import BrokerClient, BrokerRequestError
-from broker.config import load_config
-from broker.server import BrokerServer
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 from tests.test_broker_api import _serve, _wait_up, free_port
 
 BASE = """
@@ -35,6 +36,8 @@ queue_timeout = "10m"
 [[hosts]]
 name = "gpu1"
 address = "gpu1.example.org"
+fence_user = "gpufence"
+fence_key_file = "/etc/gpu-broker/fence_ed25519"
 [[hosts.slots]]
 kind = "a100"
 simulated = true
@@ -276,7 +279,7 @@ def test_suspend_order_checkpoint_usage_metrics(
         while not orders and time.monotonic() < deadline:
             time.sleep(0.05)
             orders = ana.heartbeat(lease.id, False, time.time() - 5).orders
-        assert orders == [{"order": "suspend", "reason": "idle"}]
+        assert orders == [{"order": "suspend", "reason": "idle", "forced": False, "grace": 0.0}]
         assert ana.heartbeat(lease.id, False, time.time() - 5).orders == []  # once
         ckpt = {"host": "gpu1", "path": "/ck/kern-1", "bytes": 3 * 2**20, "kernel_id": "kern-1"}
         ended = ana.release(lease.id, "suspended", ckpt)
@@ -328,6 +331,8 @@ def test_checkpoint_expires_on_its_host(tmp_path: Path, monkeypatch: pytest.Monk
     root_dir = root_dir / "gpu2"  # runtime dirs are per host
     (root_dir / "kern-old" / "checkpoint").mkdir(parents=True)
     (root_dir / "kern-old" / "checkpoint" / "manifest.json").write_text("{}")
+    record = {"kernel_id": "kern-old", "owner": "ana", "host_name": "gpu2"}  # as launched
+    (root_dir / "kern-old" / "launch.json").write_text(json.dumps(record))
     env = Env(tmp_path, policy='checkpoint_max_age = "1s"')
     env.start()
     try:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.auth import create_token
 from broker.client import BrokerAuthError, BrokerClient, BrokerRequestError, BrokerUnreachable
-from broker.config import load_config
-from broker.server import BrokerServer
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 
 CONFIG = """
 [server]
@@ -37,6 +37,8 @@ queue_timeout = "10m"
 [[hosts]]
 name = "gpu1"
 address = "gpu1.example.org"
+fence_user = "gpufence"
+fence_key_file = "/etc/gpu-broker/fence_ed25519"
 user = "{{username}}"
 key_file = "~/.ssh/{{username}}_ed25519"
 
@@ -199,7 +201,7 @@ def test_401_changes_nothing(broker: Broker) -> None:
 
 
 def test_revoked_token_is_401(broker: Broker, tmp_path: Path) -> None:
-    from broker.auth import revoke_token
+    from broker.http.auth import revoke_token
 
     alice = broker.client()
     assert alice.whoami() == {"user": "alice", "role": "user"}
@@ -371,7 +373,7 @@ def two_stores(tmp_path: Path) -> Iterator[tuple[Store, Store]]:
 def test_token_revoked_by_another_connection_is_refused_at_once(
     two_stores: tuple[Store, Store],
 ) -> None:
-    from broker.auth import revoke_token, verify
+    from broker.http.auth import revoke_token, verify
 
     store, cli = two_stores
     token, row = create_token(store, "alice")
@@ -388,7 +390,7 @@ def test_token_revoked_by_another_connection_is_refused_at_once(
 def test_token_created_by_another_connection_is_accepted_at_once(
     two_stores: tuple[Store, Store],
 ) -> None:
-    from broker.auth import verify
+    from broker.http.auth import verify
 
     store, cli = two_stores
     first, _ = create_token(store, "alice")
@@ -399,7 +401,7 @@ def test_token_created_by_another_connection_is_accepted_at_once(
 
 
 def test_token_revoked_through_the_same_store_is_refused_at_once(tmp_path: Path) -> None:
-    from broker.auth import revoke_token, verify
+    from broker.http.auth import revoke_token, verify
 
     store = Store(tmp_path / "t.sqlite")
     token, row = create_token(store, "alice")
@@ -414,7 +416,7 @@ def test_token_revoked_through_the_same_store_is_refused_at_once(tmp_path: Path)
 def test_unknown_tokens_do_not_grow_the_token_cache(tmp_path: Path) -> None:
     import secrets
 
-    from broker.auth import TOKEN_PREFIX, verify
+    from broker.http.auth import TOKEN_PREFIX, verify
 
     store = Store(tmp_path / "t.sqlite")
     store.token_cache_size = 4

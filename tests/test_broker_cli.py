@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from broker.cli import main
-from broker.config import load_config
-from broker.server import BrokerServer
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
 from tests.test_broker_api import free_port, write_config
 
 
@@ -131,3 +133,78 @@ def test_token_file_must_be_private(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("SHARED_GPU_TOKEN")
     with pytest.raises(BrokerError, match="no broker token"):
         read_token(token_file=tmp_path / "missing")
+
+
+def test_token_output_refuses_an_existing_file_or_a_symlink(tmp_path: Path) -> None:
+    path = str(write_config(tmp_path))
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    link = tmp_path / "token-link"
+    link.symlink_to(target)
+    for output in (link, target):
+        result = run_cli(
+            "token", "create", "--config", path, "--user", "alice", "--output", str(output)
+        )
+        assert result.returncode == 1 and "exists" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert target.read_text() == "precious\n"
+    result = run_cli("token", "list", "--config", path)
+    assert "alice" not in result.stdout  # refused before any token was made
+    result = run_cli("token", "create", "--config", path, "--user", "alice", "--output", "-")
+    assert result.returncode == 0 and result.stdout.strip().startswith("sgpu_")
+
+
+@pytest.fixture
+def unix_user() -> Iterator[str]:
+    """A real Unix user with a home (root only: CI runs as root)."""
+    if os.geteuid() != 0 or shutil.which("useradd") is None:
+        pytest.skip("needs root and useradd")
+    user = "sgttok"
+    subprocess.run(["userdel", "-r", "-f", user], capture_output=True)
+    subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", user], check=True)
+    try:
+        yield user
+    finally:
+        subprocess.run(["userdel", "-r", "-f", user], capture_output=True)
+
+
+def test_readme_token_workflow_as_root(tmp_path: Path, unix_user: str) -> None:
+    """`gpu-broker token create --user alice --output ~alice/.config/jupyter-shared-gpu/token`,
+    run as root, leaves a file alice owns and can use, in folders she owns, and nothing that a
+    symlink she planted could redirect."""
+    path = str(write_config(tmp_path))
+    home = Path(os.path.expanduser(f"~{unix_user}"))
+    output = home / ".config" / "jupyter-shared-gpu" / "token"
+    result = run_cli(
+        "token", "create", "--config", path, "--user", unix_user, "--output", str(output)
+    )
+    assert result.returncode == 0, result.stderr
+    uid = home.stat().st_uid
+    for item in (output, output.parent, output.parent.parent):
+        assert item.stat().st_uid == uid, item
+    assert stat.S_IMODE(output.stat().st_mode) == 0o600
+    assert stat.S_IMODE(output.parent.stat().st_mode) == 0o700
+    read = subprocess.run(
+        ["su", "-s", "/bin/sh", unix_user, "-c", f"cat {output}"], capture_output=True, text=True
+    )
+    assert read.stdout.strip().startswith("sgpu_")
+    # alice points a new path at root's files: the write happens as alice, and fails
+    planted = home / "evil"
+    planted.symlink_to("/root")
+    os.lchown(planted, uid, uid)
+    result = run_cli(
+        "token", "create", "--config", path, "--user", unix_user, "--output", str(planted / "x")
+    )
+    assert result.returncode == 1 and "Permission denied" in result.stderr, result.stderr
+    assert not Path("/root/x").exists()
+    result = run_cli(
+        "token",
+        "create",
+        "--config",
+        path,
+        "--user",
+        "nobody-here",
+        "--output",
+        str(tmp_path / "t"),
+    )
+    assert result.returncode == 1 and "no Unix user 'nobody-here'" in result.stderr

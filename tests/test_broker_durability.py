@@ -11,10 +11,10 @@ import threading
 import time
 from pathlib import Path
 
-from broker.auth import create_token
 from broker.client import BrokerClient, BrokerError
-from broker.config import load_config
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 from tests.test_broker_api import _serve, _wait_up, free_port
 
 CONFIG = """
@@ -25,6 +25,7 @@ database = "broker.sqlite"
 [policy]
 heartbeat_timeout = "10m"
 queue_timeout = "1h"
+max_queued_per_user = 100
 [[hosts]]
 name = "gpu1"
 address = "local"
@@ -109,7 +110,7 @@ def test_a_write_the_store_refuses_leaves_memory_as_the_disk(tmp_path: Path) -> 
 
     import pytest
 
-    from broker.service import BrokerService
+    from broker.service.service import BrokerService
     from tests.test_broker_api import write_config
 
     config = load_config(write_config(tmp_path))
@@ -136,3 +137,48 @@ def test_a_write_the_store_refuses_leaves_memory_as_the_disk(tmp_path: Path) -> 
     assert {row.id: row.state for row in Store(config.server.database).live_leases()} == {
         "l2": "granted"
     }
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE leases (
+    id TEXT PRIMARY KEY, seq INTEGER NOT NULL UNIQUE, user TEXT NOT NULL, kind TEXT NOT NULL,
+    kernel_id TEXT NOT NULL, state TEXT NOT NULL, slot_id TEXT, created_at REAL NOT NULL,
+    granted_at REAL, last_heartbeat REAL, busy INTEGER NOT NULL DEFAULT 0, last_activity REAL,
+    ended_at REAL, end_reason TEXT
+);
+CREATE TABLE checkpoints (
+    kernel_id TEXT PRIMARY KEY, user TEXT NOT NULL, host TEXT NOT NULL, path TEXT NOT NULL,
+    bytes INTEGER NOT NULL, created_at REAL NOT NULL, lease_id TEXT,
+    state TEXT NOT NULL DEFAULT 'kept', expired_at REAL
+);
+INSERT INTO meta VALUES ('schema_version', '1');
+INSERT INTO leases (id, seq, user, kind, kernel_id, state, created_at)
+    VALUES ('l1', 1, 'ana', 'sim', 'k1', 'released', 1.0),
+           ('l2', 2, 'ben', 'sim', 'k1', 'queued', 2.0),
+           ('l3', 3, 'ben', 'sim', 'k2', 'granted', 3.0);
+INSERT INTO checkpoints (kernel_id, user, host, path, bytes, created_at)
+    VALUES ('k1', 'ana', 'gpu1', '/c/k1', 5, 1.5);
+"""
+
+
+def test_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
+    """Databases of the first release (schema 1) open: leases keep their rows, checkpoints are
+    keyed by their owner, and each kernel id belongs to the user who leased it first."""
+    import sqlite3
+
+    path = tmp_path / "broker.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(V1_SCHEMA)
+    store = Store(path)
+    try:
+        assert [lease.id for lease in store.live_leases()] == ["l2", "l3"]
+        assert store.kernel_owner("k1") == "ana" and store.kernel_owner("k2") == "ben"
+        row = store.checkpoint("ana", "k1")
+        assert row is not None and row.path == "/c/k1"
+        assert store.checkpoint("ben", "k1") is None
+        assert store.lease_by_request("ana", "anything") is None  # the new column is there
+    finally:
+        store.close()
+    store = Store(path)  # and opens again as version 2
+    store.close()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from broker.auth import create_token
 from broker.client import BrokerClient
-from broker.config import load_config
-from broker.server import BrokerServer
-from broker.store import Store
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
+from broker.http.auth import create_token
+from broker.store.sqlite import Store
 from gpu_kernel import remote
 from gpu_kernel.ssh import HostTarget, connect
 from tests.conftest import target_for
@@ -49,6 +49,8 @@ user = "{host.user}"
 key_file = "{keys.key_file}"
 known_hosts = "{keys.known_hosts}"
 python = "{sys.executable}"
+fence_user = "{host.user}"
+fence_key_file = "{keys.fence_key_file}"
 [[hosts.slots]]
 id = "f/0"
 device = "0"
@@ -67,7 +69,11 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 15.0) -> None:
 def launch(target: HostTarget) -> str:
     """Start a real kernel on the host (default runtime root there); return its id."""
     request = make_request(
-        Path("unused"), runtime_root=None, host_name=target.name, slot_id=f"{target.name}/0"
+        Path("unused"),
+        runtime_root=None,
+        host_name=target.name,
+        slot_id=f"{target.name}/0",
+        owner=target.user,  # the broker user who leases it (the test's user)
     )
     with connect(target) as conn:
         remote.launch(conn, target, request)

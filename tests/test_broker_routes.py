@@ -1,4 +1,4 @@
-"""The hot lease calls (``broker.lease_routes``) answer exactly as the ``tornado.web`` handlers
+"""The hot lease calls (``broker.http.routes``) answer exactly as the ``tornado.web`` handlers
 do: two real brokers, one with each front, get the same requests over real HTTP."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import load_config
-from broker.server import BrokerServer
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
 from tests.test_broker_api import tokens, write_config
 
 VOLATILE = {"id", "now", "created_at", "granted_at", "last_heartbeat", "ended_at", "last_activity"}

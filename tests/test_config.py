@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import ClassSession, Config, SlotConfig, load_config, parse_config
-from broker.durations import format_duration, parse_duration
+from broker.config.durations import format_duration, parse_duration
+from broker.config.loader import ClassSession, Config, SlotConfig, load_config, parse_config
+from broker.config.toml_check import LineIndex
 from broker.errors import ConfigError, ConfigIssue
-from broker.toml_check import LineIndex
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -24,6 +24,8 @@ heartbeat_timeout = "1m"
 [[hosts]]
 name = "gpu1"
 address = "gpu1.example.org"
+fence_user = "gpufence"
+fence_key_file = "/etc/gpu-broker/fence_ed25519"
 
   [[hosts.slots]]
   kind = "a100"
@@ -375,6 +377,15 @@ def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
 
+@pytest.mark.parametrize("text, seconds", [("1d", 86400), ("250ms", 0.25), ("1.5h", 5400)])
+def test_kernelspec_reads_durations_as_the_broker_does(text: str, seconds: float) -> None:
+    """One parser for the broker config and the kernelspec: what one takes, the other takes."""
+    from provisioner.settings import ProvisionerSettings
+
+    settings = ProvisionerSettings.from_config({"broker_url": "http://b:1", "lease_timeout": text})
+    assert settings.lease_timeout == parse_duration(text) == seconds
+
+
 @pytest.mark.parametrize("seconds", [0.001, 1, 59.999, 61, 3599, 86400 * 3 + 7, 123456.789])
 def test_durations_round_trip(seconds: float) -> None:
     assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-9)
@@ -506,3 +517,47 @@ def test_auto_gpus_host_and_with_slots() -> None:
     assert "not both" in only_issue(both).message
     bad = text.replace('gpus = "auto"', "gpus = 2")
     assert only_issue(bad).key == "hosts[0].gpus"
+
+
+# --- combinations that cannot work, host names on disk, the fencing account (issues 8, 9) --------
+
+
+@pytest.mark.parametrize(
+    "policy, key, words",
+    [
+        ('fence_save_grace = "11m"', "fence_save_grace", "waits at most that long"),
+        ('suspend_retry = "5s"', "suspend_retry", "given again before it arrived"),
+        ('busy_grace = "5h"\nmax_lease = "4h"', "busy_grace", "shorter than max_lease"),
+        ("max_queued_per_user = 0", "max_queued_per_user", "must be 1 or more"),
+    ],
+)
+def test_policies_that_cannot_work_are_refused(policy: str, key: str, words: str) -> None:
+    text = GOOD.replace('heartbeat_timeout = "1m"', f'heartbeat_timeout = "1m"\n{policy}')
+    [issue] = issues_of(text)
+    assert issue.key == f"policy.{key}" and words in issue.message, issue
+    assert issue.line == text.splitlines().index(policy.splitlines()[0]) + 1
+
+
+def test_policy_defaults_work_without_tuning() -> None:
+    """The fence asks a kernel to save before it kills it, and waits long enough for a big
+    save; an order a busy kernel must obey leaves its cell time to end."""
+    policy = parse_config(GOOD).policy
+    assert policy.fence_save_grace >= 30 and policy.busy_grace >= 30
+    assert policy.max_queued_per_user == 3 and policy.suspend_retry == 300
+
+
+@pytest.mark.parametrize("name", ["..", ".hidden", "-x", "a" * 65, "a/b"])
+def test_host_names_must_be_directory_names(name: str) -> None:
+    text = GOOD.replace('name = "gpu2"', f'name = "{name}"')
+    [issue] = issues_of(text)
+    assert issue.key == "hosts[1].name" and "names a directory on the host" in issue.message
+
+
+def test_an_ssh_host_needs_a_fencing_account() -> None:
+    text = GOOD.replace('fence_user = "gpufence"\n', "")
+    [issue] = issues_of(text)
+    assert issue.key == "hosts[0]" and "missing fence_user" in issue.message
+    assert "gpu_kernel fence" in issue.message and "Fencing" in issue.message
+    host = parse_config(GOOD).host("gpu1")
+    assert (host.fence_user, host.fence_key_file) == ("gpufence", "/etc/gpu-broker/fence_ed25519")
+    assert parse_config(GOOD).host("gpu2").fence_user is None  # "local": no SSH at all

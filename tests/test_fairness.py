@@ -3,9 +3,9 @@ reservations, drain, reload, fencing, idle suspend. No event loop, no clock."""
 
 from __future__ import annotations
 
-from broker.classes import ClassSession, GroupConfig
-from broker.fairness import GrantContext, grant_order
-from broker.scheduler import (
+from broker.core.fairness import GrantContext, grant_order
+from broker.core.groups import ClassSession, GroupConfig
+from broker.core.scheduler import (
     Dropped,
     Expired,
     Fenced,
@@ -228,8 +228,8 @@ def test_idle_decisions() -> None:
 
 
 def test_a_kernel_used_after_the_suspend_order_gets_a_new_order_once_idle_again():
-    from broker.scheduler import Heartbeat, Policy, RequestLease, Scheduler, SuspendIdle, Tick
-    from broker.slots import SlotState
+    from broker.core.scheduler import Heartbeat, Policy, RequestLease, Scheduler, SuspendIdle, Tick
+    from broker.core.slots import SlotState
 
     policy = Policy(heartbeat_timeout=60, queue_timeout=0, idle_suspend_after=10)
     sched = Scheduler([SlotState("h/0", "h", "sim")], policy, 1)

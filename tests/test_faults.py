@@ -300,3 +300,81 @@ def test_listening_sockets_stay_the_same_across_restarts_and_resumes(
     assert run(kc, "print(n)")[1].strip() == "10"
     assert after_restarts == before
     wait_until(lambda: listening_sockets() == before, 2, "the old tunnels to close")
+
+
+JUPYTER_SERVER = """
+import asyncio, json, sys
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import KernelManager
+km = KernelManager(
+    kernel_name="shared-gpu", kernel_spec_manager=KernelSpecManager(kernel_dirs=[sys.argv[1]])
+)
+km.start_kernel()
+kc = km.client()
+kc.start_channels()
+kc.wait_for_ready(timeout=60)
+reply = kc.execute_interactive(
+    "precious = {'a': 41 + 1}", timeout=60, output_hook=lambda msg: None
+)
+assert reply["content"]["status"] == "ok"
+info = asyncio.run(km.provisioner.get_provisioner_info())
+print(json.dumps({"info": info, "key": km.session.key.decode()}, default=bytes.decode), flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def test_a_jupyter_server_killed_with_sigkill_loses_no_variable(
+    fault_pool: Pool, checker: SlotChecker, tmp_path: Path
+):
+    """The Jupyter server dies (SIGKILL) with the kernelspec's default orphan grace: the broker
+    expires the lease and fences the kernel, which saves itself first (SAVE_SIGNAL); a new
+    server re-attaches to the saved state and the next cell resumes it."""
+    import json
+    import subprocess
+
+    from jupyter_client.provisioning import KernelProvisionerFactory
+
+    script = tmp_path / "jupyter_server.py"
+    script.write_text(JUPYTER_SERVER)
+    server = subprocess.Popen(
+        [sys.executable, str(script), str(fault_pool.kernels_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        line = server.stdout.readline()
+        assert line, "the Jupyter server process did not start its kernel"
+        started = json.loads(line)
+    finally:
+        server.kill()
+        server.wait(10)
+    info = started["info"]
+    kernel_id = info["kernel_id"]
+    me = BrokerClient(fault_pool.url, fault_pool.user_token)
+    wait_until(
+        lambda: any(c.get("state") != "expired" for c in me.checkpoints(kernel_id)),
+        40,
+        "the fence to save the orphaned kernel and the broker to record it",
+    )
+    assert not any(fault_pool.slot_users().values()), "the orphan's slot was not freed"
+
+    km = fault_pool.kernel_manager()
+    km.kernel_id = kernel_id
+    provisioner = KernelProvisionerFactory.instance().create_provisioner_instance(
+        kernel_id, km.kernel_spec, parent=km
+    )
+    import asyncio
+
+    asyncio.run(provisioner.load_provisioner_info(info))
+    km.provisioner = provisioner
+    km.load_connection_info({**provisioner.connection_info, "key": started["key"].encode()})
+    fault_pool.managers.append(km)
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=30)
+    assert provisioner.session.phase is Phase.SUSPENDED
+    content, out, _ = run(kc, "print(precious['a'])")
+    assert content["status"] == "ok", content
+    assert out.strip().splitlines()[-1] == "42"
+    kc.stop_channels()

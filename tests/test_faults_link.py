@@ -51,7 +51,12 @@ def link_pool(
     for space in spaces:
         space.link_up()
     pool = Pool(
-        tmp_path / "pool", hosts, client_keys, heartbeat_interval="500ms", heartbeat_timeout="5s"
+        tmp_path / "pool",
+        hosts,
+        client_keys,
+        heartbeat_interval="500ms",
+        heartbeat_timeout="5s",
+        fence_retry="2s",
     )
     pool.start()
     pool.install_spec(link_timeout=f"{LINK_TIMEOUT:g}s")
@@ -149,7 +154,8 @@ def test_link_down_mid_copy_the_resume_fails_clearly_and_the_state_stays(link_po
     pool.start()
     km, kc = pool.start_kernel()
     first = host_of(kc)
-    run(kc, "import os; kept = os.urandom(1 << 20)")
+    # more than the SSH channel's window, so the export is still writing when the link drops
+    run(kc, "import os; kept = os.urandom(8 << 20)")
     digest = run(kc, "import hashlib; print(hashlib.sha256(kept).hexdigest())")[1].strip()
     session = km.provisioner.session
     assert session.request_suspend("test")

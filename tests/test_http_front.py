@@ -1,4 +1,4 @@
-"""The broker's HTTP server (``broker.http_front``) on a real socket: limits, malformed input,
+"""The broker's HTTP server (``broker.http.front``) on a real socket: limits, malformed input,
 keep-alive and timeouts, as a client on the wire sees them."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from broker import http_front
-from broker.config import load_config
-from broker.server import BrokerServer
+from broker.config.loader import load_config
+from broker.daemon import BrokerServer
+from broker.http import front as http_front
 from tests.test_broker_api import tokens, write_config
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from broker.config import HostConfig
-from broker.discovery import DiscoveryError, discover_slots, slots_from_probe
+from broker.config.loader import HostConfig
+from broker.hosts.discovery import DiscoveryError, discover_slots, slots_from_probe
 from gpu_kernel import nvml
 from tests import fake_nvml
 from tests.sshd import ClientKeys, TestHost
@@ -173,15 +173,22 @@ def python_with_env(path: Path, **env: str) -> str:
 
 
 def host_config(host: TestHost, keys: ClientKeys, python: str, **kw: object) -> HostConfig:
+    """``host`` as the broker reaches it: its fencing account, whose key runs only the fencing
+    command with ``python`` (the admin's forced command names the host's interpreter)."""
+    name = f"fence-{abs(hash(python))}"
+    fence_key = keys.dir / name
+    if not fence_key.exists():
+        fence_key = keys.forced_key(name, f"{python} -m gpu_kernel fence --as-self")
     return HostConfig(
         name=host.name,
         address="127.0.0.1",
         port=host.port,
         user=host.user,
-        key_file=str(keys.key_file),
         known_hosts=str(keys.known_hosts),
         python=python,
         auto_gpus=True,
+        fence_user=host.user,
+        fence_key_file=str(fence_key),
         **kw,  # type: ignore[arg-type]
     )
 
@@ -192,7 +199,7 @@ def test_discover_slots_over_ssh(
     host = ssh_hosts[0]
     config = fake_nvml.write_config(tmp_path / "nvml.json", devices())
     python = python_with_env(tmp_path / "python-gpu", **config)
-    slots = discover_slots(host_config(host, client_keys, python), "anyone")
+    slots = discover_slots(host_config(host, client_keys, python))
     assert [(s.id, s.kind, s.device) for s in slots] == [
         (f"{host.name}/0", "nvidia-a100-sxm4-40gb", GPU0),
         (f"{host.name}/1.0", "mig-1g.10gb", MIG_A),
@@ -202,15 +209,17 @@ def test_discover_slots_over_ssh(
     no_driver = fake_nvml.write_config(tmp_path / "none.json", [], driver=False)
     python = python_with_env(tmp_path / "python-nogpu", **no_driver)
     with pytest.raises(DiscoveryError, match=f"host {host.name} has gpus = .auto. but NVML"):
-        discover_slots(host_config(host, client_keys, python), "anyone")
+        discover_slots(host_config(host, client_keys, python))
 
     missing_python = host_config(host, client_keys, "/nonexistent/python3")
-    with pytest.raises(DiscoveryError, match=f"gpu_kernel probe` on host {host.name}") as e:
-        discover_slots(missing_python, "anyone")
-    assert "pip install" in e.value.hint
+    with pytest.raises(DiscoveryError, match=f"the fencing command on {host.name} gave no") as e:
+        discover_slots(missing_python)
+    assert "gpu_kernel fence" in e.value.hint  # how to set up the forced command
 
     other = ssh_hosts[1]
     missing = str(tmp_path / "missing-key")
-    bad_key = dataclasses.replace(host_config(other, client_keys, python), key_file=missing)
+    bad_key = dataclasses.replace(
+        host_config(other, client_keys, python), fence_key_file=missing
+    )
     with pytest.raises(DiscoveryError, match=f"cannot probe the GPUs of host {other.name}"):
-        discover_slots(bad_key, "anyone")
+        discover_slots(bad_key)

@@ -140,6 +140,8 @@ def test_two_clients_get_their_own_replies(proxy: SessionProxy, kernel: KernelMa
 def test_detached_requests_queue_until_attach(
     proxy: SessionProxy, client: BlockingKernelClient, kernel: KernelManager
 ) -> None:
+    while client.shell_channel.msg_ready():  # a late kernel_info reply of wait_for_ready
+        client.get_shell_msg(timeout=TIMEOUT)
     proxy.detach()
     assert proxy.state is ProxyState.DETACHED
     assert proxy.activity().attached is False

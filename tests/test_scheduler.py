@@ -6,8 +6,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from broker.classes import ClassSession, GroupConfig
-from broker.scheduler import (
+from broker.core.groups import ClassSession, GroupConfig
+from broker.core.scheduler import (
     Dropped,
     Expired,
     Fenced,
@@ -221,6 +221,7 @@ class SchedulerMachine(RuleBasedStateMachine):
             idle_suspend_after=100,
             idle_suspend_when_queued=20,
             max_lease=300,
+            max_queued_per_user=2,
         )
         self.groups = groups
         self.s = Scheduler(self.config_slots, self.policy, groups=groups)
@@ -280,10 +281,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     def request(self, kind: str, user: str) -> None:
         self.count += 1
         lease_id = f"l{self.count}"
+        waiting = self.s.queued_by(user)
         decisions = self.apply(RequestLease(lease_id, user, kind, "k", self.now))
-        if decisions and isinstance(decisions[0], Refused):
+        queue_full = [d for d in decisions if isinstance(d, Refused) and d.code == "queue_full"]
+        if decisions and isinstance(decisions[0], Refused) and not queue_full:
             assert decisions == [Refused(lease_id, decisions[0].reason)]
             assert self.s.lease(lease_id) is None
+        elif queue_full:  # it would have had to wait, and the user has enough waiting
+            assert decisions[-1] == queue_full[0] and queue_full[0].lease_id == lease_id
+            assert waiting >= self.policy.max_queued_per_user
+            assert self.s.lease(lease_id) is None
+            assert all(getattr(d, "lease_id", None) != lease_id for d in decisions[:-1])
         else:
             assert kind == "any" or kind in self.s.kinds
             self.ids.append(lease_id)
@@ -427,6 +435,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             if available - 1 < need:
                 return False
         return True
+
+    @invariant()
+    def queued_per_user_capped(self) -> None:
+        for user in USERS:
+            waiting = [lease for lease in self.s.queue() if lease.user == user]
+            assert len(waiting) == self.s.queued_by(user) <= self.policy.max_queued_per_user
 
     @invariant()
     def positions_without_gaps(self) -> None:

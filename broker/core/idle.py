@@ -1,0 +1,96 @@
+"""When a granted lease should give its slot back: the idle and suspend rules. Pure, no clock.
+
+On every ``Tick`` the scheduler (``broker.core.scheduler.Scheduler``) asks ``suspend_reason`` about
+each granted lease that was not ``asked_recently`` and issues ``SuspendIdle(lease_id, reason)``
+for the reason it gets. The reasons, first match wins:
+
+- ``"quota"``: the user's GPU time today reached their group's ``gpu_hours_per_day``;
+- ``"max_lease"``: the lease has been granted for ``policy.max_lease`` or longer;
+- a busy lease (a cell running) is never suspended for idleness;
+- ``"idle"``: no activity for ``policy.idle_suspend_after``;
+- ``"idle_while_queued"``: no activity for ``policy.idle_suspend_when_queued`` while a queued
+  request could use the slot (``wanted_kinds``, ``slot_wanted``: not a slot of a drained host,
+  which no queued request can get).
+
+"quota" and "max_lease" are ``FORCED``: the kernel must stop within ``policy.busy_grace`` even if
+a cell runs; a lease that still holds its slot ``policy.obey_within`` after the first such order
+is ended by the scheduler and fenced. Idle time counts from the last activity, and never from
+before the grant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from broker.core.leases import ANY_KIND, Lease, since
+
+if TYPE_CHECKING:
+    from broker.core.groups import GroupConfig
+    from broker.core.policy import Policy
+    from broker.core.slots import SlotState
+
+ANY_WANTED = "*"  # in wanted_kinds: some queued request takes any kind
+FORCED = ("quota", "max_lease")  # orders a busy kernel must obey too (after Policy.busy_grace)
+
+
+def asked_recently(lease: Lease, now: float, policy: Policy) -> bool:
+    """True when ``lease`` was ordered to suspend less than ``policy.suspend_retry`` ago."""
+    asked = lease.suspend_requested_at
+    return asked is not None and now - asked < policy.suspend_retry
+
+
+def idle_seconds(lease: Lease, now: float) -> float:
+    """Seconds since the lease's last activity, or since its grant when that is later."""
+    idle = now - (lease.last_activity if lease.last_activity is not None else 0.0)
+    return min(idle, now - since(lease.granted_at, now))
+
+
+def suspend_reason(
+    lease: Lease,
+    now: float,
+    policy: Policy,
+    over_quota: bool,
+    slot_wanted: Callable[[], bool],
+) -> str | None:
+    """Why granted ``lease`` should suspend now (see the module doc), or None. ``over_quota``:
+    its user reached today's quota; ``slot_wanted()``: a queued request could use its slot
+    (asked only when the answer matters)."""
+    idle = idle_seconds(lease, now)
+    if over_quota:
+        return "quota"
+    if now - since(lease.granted_at, now) >= policy.max_lease:
+        return "max_lease"
+    if lease.busy:
+        return None
+    if idle >= policy.idle_suspend_after:
+        return "idle"
+    if idle >= policy.idle_suspend_when_queued and slot_wanted():
+        return "idle_while_queued"
+    return None
+
+
+def wanted_kinds(
+    queued: Iterable[Lease], groups_of: Callable[[str], tuple[GroupConfig, ...]]
+) -> set[str]:
+    """Kinds some queued request could use (``ANY_WANTED``: any kind); ``groups_of(user)``:
+    the user's groups (empty: an open user)."""
+    wanted: set[str] = set()
+    for lease in queued:
+        groups = groups_of(lease.user)
+        if lease.kind != ANY_KIND:
+            if not groups or any(group.allows(lease.kind) for group in groups):
+                wanted.add(lease.kind)
+        elif not groups or any(not group.kinds for group in groups):
+            wanted.add(ANY_WANTED)
+        else:
+            wanted.update(k for group in groups for k in group.kinds)
+    return wanted
+
+
+def slot_wanted(slot: SlotState | None, wanted: set[str]) -> bool:
+    """True when a queued request could be served by ``slot`` once it is free: the slot is still
+    in the config, not on a drained host, and of a kind in ``wanted``."""
+    if slot is None or slot.retired or slot.drained:
+        return False
+    return ANY_WANTED in wanted or slot.kind in wanted

@@ -1,0 +1,308 @@
+"""Hub users as the broker's identities, and hub groups as its classes, with a cache.
+
+The API's authentication (``broker.http.calls.authenticate``, the hot calls of
+``broker.http.routes`` and the ``tornado.web`` handlers) asks ``HubIdentities`` about any bearer
+token that is not a broker token (``sgpu_...``) when the config has ``[identity] jupyterhub``:
+
+- **Who**: ``GET /hub/api/user`` with the token (``broker.http.hub_api``), cached by the token's
+  sha256 for ``cache_time``; a token the hub does not know is remembered as unknown for a few
+  seconds. Concurrent misses of one token share one hub call. While the hub is down, cached
+  identities keep working until their cache time ends; a new one gets 503 "cannot reach
+  JupyterHub at URL".
+- **Role**: a hub admin is a broker admin; a user who teaches a group (``teachers`` or
+  ``teacher_hub_group``) is a teacher; everyone else a user. The token must carry the scope
+  ``access:services!service=NAME`` (as JupyterHub's own services require).
+- **Classes**: the users of each ``hub_group``/``teacher_hub_group`` are fetched with the
+  service's token and handed to the service (``BrokerService.set_hub_members``), which applies
+  them to the scheduler's groups: a lease request waits for a fetch that started after it
+  arrived (concurrent requests share it), so a change in the hub counts from the next request,
+  with no reload. A periodic fetch every ``cache_time`` keeps quotas of running kernels current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import tornado.ioloop
+
+from broker.config.identity import HubConfig
+from broker.http.hub_api import HubApi, HubError, HubUser, read_api_token
+from broker.service.service import BrokerService
+from gpu_kernel.protocol import USER_NAME_RE
+
+log = logging.getLogger("broker.hub")
+
+BROKER_TOKEN_PREFIX = "sgpu_"
+UNKNOWN_TOKEN_TIME = 5.0  # seconds a token the hub does not know is answered 401 from memory
+MAX_CACHED = 100_000  # cached tokens; past it, expired entries go, then the oldest
+
+
+@dataclass
+class CacheStats:
+    """Identity lookups since the broker started (``/metrics``, the bench)."""
+
+    hits: int = 0
+    misses: int = 0
+    hub_calls: int = 0
+    hub_failures: int = 0
+    group_fetches: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+class HubIdentities:
+    """Hub tokens to ``HubUser``s (cached) and hub groups to the service's classes. Lives on
+    the broker's loop; ``BrokerServer`` makes one when the config names a hub."""
+
+    def __init__(self, service: BrokerService, clock: Callable[[], float] = time.monotonic) -> None:
+        self.service = service
+        self.clock = clock
+        self.stats = CacheStats()
+        self._api: HubApi | None = None
+        self._api_for: HubConfig | None = None
+        self._cache: dict[str, tuple[float, HubUser | None]] = {}
+        self._lookups: dict[str, asyncio.Future[HubUser | None]] = {}
+        self._groups_future: asyncio.Future[None] | None = None
+        self._groups_started = 0.0
+        self._groups_fetched_at: float | None = None  # start of the last fetch that worked
+        self._ticker: tornado.ioloop.PeriodicCallback | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """Does the config name a hub? (Adding or removing one takes a restart to check the
+        service token; until then its tokens are refused.)"""
+        return self.service.config.identity.jupyterhub is not None
+
+    @property
+    def config(self) -> HubConfig:
+        hub = self.service.config.identity.jupyterhub
+        assert hub is not None, "HubIdentities needs [identity] jupyterhub"
+        return hub
+
+    @property
+    def api(self) -> HubApi:
+        """The hub client for the current config (made again after a reload changed it)."""
+        if self._api is None or self._api_for != self.config:
+            self._api = HubApi(self.config, read_api_token(self.config))
+            self._api_for = self.config
+        return self._api
+
+    def start(self) -> None:
+        """With a hub: check the service token now (a missing one fails the start, with the
+        fix), fetch the classes' members, and again every ``cache_time``."""
+        if not self.enabled:
+            return
+        _ = self.api
+        loop = tornado.ioloop.IOLoop.current()
+        loop.add_callback(self._refresh_in_background)
+        self._ticker = tornado.ioloop.PeriodicCallback(
+            self._refresh_in_background, self.config.cache_time * 1000
+        )
+        self._ticker.start()
+
+    def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.stop()
+            self._ticker = None
+
+    # -- who -----------------------------------------------------------------------------------
+
+    def is_hub_token(self, token: str) -> bool:
+        """A token to ask the hub about: not a broker token, and a hub is configured."""
+        return (
+            bool(token)
+            and not token.startswith(BROKER_TOKEN_PREFIX)
+            and len(token) <= 200
+            and self.enabled
+        )
+
+    def cached(self, token: str) -> tuple[bool, HubUser | None]:
+        """(known, user) from the cache alone: known False means the hub must be asked."""
+        entry = self._cache.get(token_digest(token))
+        if entry is not None and entry[0] > self.clock():
+            return True, entry[1]
+        return False, None
+
+    async def user(self, token: str) -> HubUser | None:
+        """The hub's user for ``token`` (None: unknown to the hub), from the cache or the hub;
+        concurrent lookups of one token share one call. HubUnreachable when the hub is down
+        and the token is not cached."""
+        known, user = self.cached(token)
+        if known:
+            return user
+        digest = token_digest(token)
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = asyncio.ensure_future(self._look_up(digest, token))
+            self._lookups[digest] = pending
+        return await asyncio.shield(pending)
+
+    async def _look_up(self, digest: str, token: str) -> HubUser | None:
+        since = self.clock()
+        try:
+            self.stats.hub_calls += 1
+            user = await self.api.user_for_token(token)
+            if user is not None and self._groups_stale_for(user):
+                await self.fresh_groups(since)
+        except HubError:
+            self.stats.hub_failures += 1
+            raise
+        finally:
+            self._lookups.pop(digest, None)
+        ttl = (
+            self.config.cache_time
+            if user is not None
+            else min(UNKNOWN_TOKEN_TIME, self.config.cache_time)
+        )
+        self._remember(digest, self.clock() + ttl, user)
+        return user
+
+    def _remember(self, digest: str, expires: float, user: HubUser | None) -> None:
+        if len(self._cache) >= MAX_CACHED:
+            now = self.clock()
+            for key in [k for k, (until, _) in self._cache.items() if until <= now]:
+                del self._cache[key]
+            while len(self._cache) >= MAX_CACHED:
+                del self._cache[next(iter(self._cache))]
+        self._cache[digest] = (expires, user)
+
+    def forget(self, token: str) -> None:
+        """Drop a token from the cache (the dashboard's sign-out)."""
+        self._cache.pop(token_digest(token), None)
+
+    def may_use_service(self, user: HubUser) -> bool:
+        """Does the token carry ``access:services`` for this service?"""
+        name = self.config.service_name
+        return "access:services" in user.scopes or (
+            f"access:services!service={name}" in user.scopes
+        )
+
+    def role_of(self, user: HubUser) -> str:
+        """admin (a hub admin), teacher (teaches a group) or user."""
+        if user.admin:
+            return "admin"
+        if any(user.name in group.teachers for group in self.service.config.groups):
+            return "teacher"
+        return "user"
+
+    # -- classes -------------------------------------------------------------------------------
+
+    def hub_group_names(self) -> set[str]:
+        """The hub groups the config's ``[[groups]]`` name."""
+        names: set[str] = set()
+        if not self.enabled:
+            return names
+        for group in self.service.base_config.groups:
+            names.update(n for n in (group.hub_group, group.teacher_hub_group) if n)
+        return names
+
+    def _groups_stale_for(self, user: HubUser) -> bool:
+        """Does the hub list ``user`` in other configured hub groups than the broker knows?
+        (Then the classes' members are fetched before the user is answered.)"""
+        names = self.hub_group_names()
+        members = self.service.hub_members
+        known = {name for name in names if user.name in members.get(name, ())}
+        return (user.groups & names) != known
+
+    async def fresh_groups(self, since: float) -> None:
+        """Return once the classes' members come from a fetch that started at ``since`` or
+        later (``clock()`` time). With the hub down, members fetched within ``cache_time``
+        serve; older ones raise HubUnreachable."""
+        if not self.hub_group_names():
+            return
+        while self._groups_fetched_at is None or self._groups_fetched_at < since:
+            if self._groups_future is None:
+                self._groups_started = self.clock()
+                self._groups_future = asyncio.ensure_future(self._fetch_groups())
+            started, future = self._groups_started, self._groups_future
+            try:
+                await asyncio.shield(future)
+            except HubError:
+                fetched = self._groups_fetched_at
+                if fetched is not None and self.clock() - fetched < self.config.cache_time:
+                    return
+                raise
+            if started >= since:
+                return
+
+    async def _fetch_groups(self) -> None:
+        started = self._groups_started
+        try:
+            names = sorted(self.hub_group_names())
+            self.stats.group_fetches += 1
+            try:
+                found = await asyncio.gather(*(self.api.group_users(name) for name in names))
+            except HubError:
+                self.stats.hub_failures += 1
+                raise
+            members: dict[str, frozenset[str]] = {}
+            for name, users in zip(names, found, strict=True):
+                if users is None:
+                    log.warning("JupyterHub has no group %r (named in the broker config)", name)
+                    users = frozenset()
+                bad = sorted(u for u in users if not USER_NAME_RE.fullmatch(u))
+                if bad:
+                    log.warning(
+                        "hub group %r: %d user name(s) cannot be broker users and are left out: %s",
+                        name,
+                        len(bad),
+                        ", ".join(repr(u[:40]) for u in bad[:5]),
+                    )
+                members[name] = frozenset(u for u in users if USER_NAME_RE.fullmatch(u))
+            if self.service.set_hub_members(members):
+                log.info("hub groups changed: %s", {k: len(v) for k, v in members.items()})
+            self._groups_fetched_at = started
+        finally:
+            self._groups_future = None
+
+    async def _refresh_in_background(self) -> None:
+        try:
+            await self.fresh_groups(self.clock())
+        except HubError as exc:
+            log.warning("hub groups not refreshed: %s", exc)
+
+
+@dataclass
+class Lookup:
+    """What the API knows of a token before it authenticates: ``user`` from memory, or
+    ``wait`` to await first (a cache miss, or a lease request's fresh classes)."""
+
+    user: HubUser | None = None
+    wait: Awaitable[HubUser | None] | None = None
+
+
+def look_up(hub: HubIdentities | None, token: str, fresh_groups: bool) -> Lookup:
+    """Start what authenticating ``token`` needs; count the cache's hits and misses.
+    ``fresh_groups``: a lease request, which must see the hub's groups as of now."""
+    if hub is None or not hub.enabled:
+        return Lookup()
+    since = hub.clock()
+    needs_groups = fresh_groups and bool(hub.hub_group_names())
+    hub_token = hub.is_hub_token(token)
+    known, user = hub.cached(token) if hub_token else (True, None)
+    if hub_token:
+        if known:
+            hub.stats.hits += 1
+        else:
+            hub.stats.misses += 1
+    if known and not needs_groups:
+        return Lookup(user=user)
+
+    async def wait() -> HubUser | None:
+        if needs_groups:
+            await hub.fresh_groups(since)
+        return await hub.user(token) if hub_token else None
+
+    return Lookup(wait=wait())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import tornado.web
 
 from broker.http.admin import routes as admin_routes
+from broker.http.dashboard import routes as dashboard_routes
 from broker.http.handlers import (
     HeartbeatHandler,
     LeaseHandler,
@@ -42,6 +43,7 @@ def make_app(
             (r"/api/v1/status", StatusHandler, args),
             (r"/api/v1/whoami", WhoamiHandler, args),
             *admin_routes(args),
+            *dashboard_routes(args),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,

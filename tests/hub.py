@@ -5,7 +5,9 @@ npm (``scripts/test`` installs it), the dummy authenticator and the simple local
 ``gpu-broker`` (the snippet of docs/jupyterhub.md: its token, its OAuth callback, the scopes it
 needs, ``access:services!service=gpu-broker`` for users and their servers' tokens), plus a
 ``test-admin`` service whose token the tests use to make users, groups, tokens and servers.
-Used by tests/test_hub_identity.py, tests/test_hub_e2e.py and tests/test_dashboard_browser.py.
+``start_deployment`` adds the broker (``tests.pool.Pool``) and the users' kernelspec; conftest.py's
+``hub_deployment`` fixture shares one for the session (tests/test_hub_identity.py,
+tests/test_hub_e2e.py).
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
+from tests.pool import Pool
 from tests.sshd import free_port
 
 BIN = Path(sys.executable).parent
@@ -223,3 +227,68 @@ c.Spawner.server_token_scopes = [
                 return f"{self.url}/user/{name}"
             time.sleep(0.3)
         raise RuntimeError(f"the server of {name} did not start:\n" + self.log_tail())
+
+
+# -- a whole deployment: broker + hub + the users' kernelspec, shared by the hub tests -----------
+
+CLASS_GROUPS = """
+[[groups]]
+name = "ml101"
+hub_group = "ml-101"
+teacher_hub_group = "ml-101-staff"
+kinds = ["sim"]
+gpu_hours_per_day = 2
+
+[[groups]]
+name = "ml102"
+hub_group = "ml-102"
+teachers = ["prof2"]
+"""
+CACHE_TIME = 4.0  # short, so that the hub-down test waits little
+STUDENTS = {"ml-101": ["ana", "ben"], "ml-101-staff": ["prof"], "ml-102": ["carl"]}
+OUTSIDERS = ["eve", "dan", "ana@uni.edu"]
+
+
+@dataclass
+class Deployment:
+    """A broker (``pool``) registered as the ``hub``'s service, ``[policy] members_only``, the
+    classes of ``CLASS_GROUPS`` bound to hub groups, and the users' "Shared GPU" kernelspec
+    installed with ``--jupyterhub`` under ``image`` (on their servers' JUPYTER_PATH)."""
+
+    pool: Pool
+    hub: TestHub
+    image: Path
+
+    def ensure_hub(self) -> None:
+        """Start the hub again if a test stopped it."""
+        if self.hub.proc is None:
+            self.hub.start()
+
+    def close(self) -> None:
+        self.hub.stop()
+        self.pool.close()
+
+
+def start_deployment(base: Path, hosts: list, keys: object) -> Deployment:
+    from provisioner.install import main as install_main
+
+    pool = Pool(base / "pool", hosts, keys)  # type: ignore[arg-type]
+    image = base / "image"
+    args = ["install", "--prefix", str(image), "--broker-url", pool.url, "--jupyterhub"]
+    assert install_main([*args, "--lease-timeout", "30s"]) == 0
+    hub = TestHub(base / "hub", pool.url, {"JUPYTER_PATH": str(image / "share" / "jupyter")})
+    text = pool.config.read_text().replace("[policy]\n", "[policy]\nmembers_only = true\n", 1)
+    pool.config.write_text(text + hub.identity_toml(f"{CACHE_TIME:g}s") + CLASS_GROUPS)
+    pool.start()  # first: the hub waits for its services to answer
+    deployment = Deployment(pool, hub, image)
+    try:
+        hub.start()
+        for name in [*(n for users in STUDENTS.values() for n in users), *OUTSIDERS]:
+            hub.add_user(name)
+        hub.add_user("boss", admin=True)
+        for group, users in STUDENTS.items():
+            hub.add_group(group, users)
+    except BaseException:
+        deployment.close()
+        raise
+    return deployment

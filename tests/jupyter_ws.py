@@ -44,6 +44,17 @@ def start_kernel(server_url: str, token: str, name: str = "shared-gpu") -> str:
         return json.loads(response.read())["id"]
 
 
+def stop_kernel(server_url: str, token: str, kernel_id: str) -> None:
+    """Shut the kernel down, as JupyterLab's "Shut Down Kernel" does."""
+    request = urllib.request.Request(
+        f"{server_url}/api/kernels/{kernel_id}",
+        method="DELETE",
+        headers={"Authorization": f"token {token}"},
+    )
+    with urllib.request.urlopen(request, timeout=60):
+        pass
+
+
 def run_cell(
     server_url: str, token: str, kernel_id: str, code: str, timeout: float = 90.0
 ) -> CellResult:

@@ -1,38 +1,28 @@
-"""JupyterHub end to end: hub users' "Shared GPU" kernels, leased under their hub names.
+"""JupyterHub end to end: hub users' "Shared GPU" kernels, leased under their hub names, and
+the dashboard in a real browser.
 
-A real JupyterHub (dummy authenticator, simple local spawner) whose users' single-user servers
-have the "Shared GPU" kernelspec installed with ``--jupyterhub`` (in the "user image": a prefix
-on their JUPYTER_PATH), the broker as the hub's service ``gpu-broker``, sshd test hosts. Cells run
-as JupyterLab runs them: the server's REST API and its kernel websocket, through the hub's proxy.
+The session's hub deployment (conftest.py ``hub_deployment``, tests/hub.py): a real JupyterHub
+(dummy authenticator, simple local spawner) whose users' single-user servers have the "Shared
+GPU" kernelspec installed with ``--jupyterhub`` (the "user image": a prefix on their
+JUPYTER_PATH), the broker as the hub's service ``gpu-broker``, sshd test hosts. Cells run as
+JupyterLab runs them: the server's REST API and its kernel websocket, through the hub's proxy.
 No broker token exists for any hub user: the provisioner presents the server's own hub token.
+The dashboard is driven with Playwright in Debian's chromium, signing in through the hub.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from provisioner.install import main as install_main
-from tests.hub import TestHub, hub_available
-from tests.jupyter_ws import run_cell, start_kernel
-from tests.pool import Pool
-
-GROUPS = """
-[[groups]]
-name = "ml101"
-hub_group = "ml-101"
-teacher_hub_group = "ml-101-staff"
-kinds = ["sim"]
-gpu_hours_per_day = 2
-
-[[groups]]
-name = "ml102"
-hub_group = "ml-102"
-"""
+from tests.hub import Deployment
+from tests.jupyter_ws import CellResult, run_cell, start_kernel, stop_kernel
 
 SHOW = (
     "import os\n"
@@ -41,61 +31,30 @@ SHOW = (
 )
 
 
-@dataclass
-class Deployment:
-    pool: Pool
-    hub: TestHub
-    image: Path  # the users' kernelspec prefix
-
-    def server(self, user: str) -> str:
-        return self.hub.start_server(user)
-
-    def cell(self, user: str, kernel_id: str, code: str) -> object:
-        return run_cell(f"{self.hub.url}/user/{user}", self.hub.admin_token, kernel_id, code)
+def cell(deployment: Deployment, user: str, kernel_id: str, code: str) -> CellResult:
+    server = f"{deployment.hub.url}/user/{user}"
+    return run_cell(server, deployment.hub.admin_token, kernel_id, code)
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory, ssh_hosts, client_keys) -> Iterator[Deployment]:
-    reason = hub_available()
-    if reason:
-        pytest.skip(reason)
-    base: Path = tmp_path_factory.mktemp("hub-e2e")
-    pool = Pool(base / "pool", ssh_hosts, client_keys)
-    image = base / "image"
-    assert (
-        install_main(
-            [
-                "install",
-                "--prefix",
-                str(image),
-                "--broker-url",
-                pool.url,
-                "--jupyterhub",
-                "--lease-timeout",
-                "30s",
-            ]
-        )
-        == 0
-    )
-    env = {"JUPYTER_PATH": str(image / "share" / "jupyter")}
-    hub = TestHub(base / "hub", pool.url, spawner_env=env)
-    text = pool.config.read_text().replace("[policy]\n", "[policy]\nmembers_only = true\n", 1)
-    pool.config.write_text(text + hub.identity_toml("60s") + GROUPS)
-    pool.start()
-    try:
-        hub.start()
-        for name in ("ana", "ben", "eve", "prof", "carl"):
-            hub.add_user(name)
-        hub.add_user("boss", admin=True)
-        hub.add_group("ml-101", ["ana", "ben"])
-        hub.add_group("ml-101-staff", ["prof"])
-        hub.add_group("ml-102", ["carl"])
-        for name in ("ana", "eve"):  # both spawn at once: each takes seconds on a busy machine
-            hub.api("POST", f"/users/{name}/server")
-        yield Deployment(pool, hub, image)
-    finally:
-        hub.stop()
-        pool.close()
+def shut_down(deployment: Deployment, user: str, kernel_id: str) -> None:
+    """Shut the kernel down and wait until the broker has its slot back."""
+    stop_kernel(f"{deployment.hub.url}/user/{user}", deployment.hub.admin_token, kernel_id)
+    deadline = time.monotonic() + 20
+    while user in deployment.pool.slot_users().values():
+        assert time.monotonic() < deadline, "the kernel's lease was not released"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def deployment(hub_up: Deployment) -> Deployment:
+    """The session's hub deployment; the servers of ana and eve spawn at once (each takes
+    seconds on a busy machine)."""
+    for name in ("ana", "eve"):
+        user = hub_up.hub.api("GET", f"/users/{name}")
+        assert isinstance(user, dict)
+        if "" not in (user.get("servers") or {}):
+            hub_up.hub.api("POST", f"/users/{name}/server")
+    return hub_up
 
 
 def test_a_students_kernel_is_leased_under_their_hub_name_with_no_broker_token(
@@ -108,9 +67,16 @@ def test_a_students_kernel_is_leased_under_their_hub_name_with_no_broker_token(
     assert config["token_source"] == "jupyterhub"
     assert "token_env" not in config and "token_file" not in config
 
-    server = deployment.server("ana")
+    server = deployment.hub.start_server("ana")
     kernel_id = start_kernel(server, deployment.hub.admin_token)
-    result = deployment.cell("ana", kernel_id, SHOW)
+    try:
+        check_ana_s_kernel(deployment, kernel_id)
+    finally:
+        shut_down(deployment, "ana", kernel_id)
+
+
+def check_ana_s_kernel(deployment: Deployment, kernel_id: str) -> None:
+    result = cell(deployment, "ana", kernel_id, SHOW)
     assert result.status == "ok", result.text
     host, hub_token_in_kernel, broker_token_in_kernel = result.stdout.split()
     assert host in ("hostA", "hostB")
@@ -131,13 +97,102 @@ def test_a_students_kernel_is_leased_under_their_hub_name_with_no_broker_token(
 def test_a_student_outside_the_class_is_refused_in_the_cell_until_the_hub_adds_them(
     deployment: Deployment,
 ) -> None:
-    server = deployment.server("eve")
+    server = deployment.hub.start_server("eve")
     kernel_id = start_kernel(server, deployment.hub.admin_token)
-    refused = deployment.cell("eve", kernel_id, SHOW)
-    assert refused.status == "error"
-    assert "ml101" in refused.text and "ask your teacher" in refused.text, refused.text
+    try:
+        refused = cell(deployment, "eve", kernel_id, SHOW)
+        assert refused.status == "error"
+        assert "ml101" in refused.text and "ask your teacher" in refused.text, refused.text
 
-    deployment.hub.add_to_group("ml-101", ["eve"])  # the teacher enrols her; no broker reload
-    result = deployment.cell("eve", kernel_id, SHOW)
-    assert result.status == "ok", result.text
-    assert "eve" in deployment.pool.slot_users().values()
+        deployment.hub.add_to_group("ml-101", ["eve"])  # the teacher enrols her; no reload
+        result = cell(deployment, "eve", kernel_id, SHOW)
+        assert result.status == "ok", result.text
+        assert "eve" in deployment.pool.slot_users().values()
+    finally:
+        deployment.hub.remove_from_group("ml-101", ["eve"])
+        shut_down(deployment, "eve", kernel_id)
+
+
+# -- the dashboard in a real browser (Playwright driving Debian's chromium) -----------------------
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Iterator[Any]:
+    """Debian's chromium, driven by Playwright; each test signs in in a fresh context."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("chromium is missing (scripts/test installs it: apt-get install chromium)")
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
+        )
+        yield browser
+        browser.close()
+
+
+@contextmanager
+def browser_page(chromium: Any) -> Iterator[Any]:
+    """A page of a new browser context (no cookies from other tests)."""
+    context = chromium.new_context()
+    try:
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        yield page
+    finally:
+        context.close()
+
+
+def sign_in_through_the_hub(page: Any, deployment: Deployment, user: str) -> None:
+    """Open the broker's page through the hub's proxy; the hub's login form; back, signed in."""
+    page.goto(f"{deployment.hub.url}/services/gpu-broker/dashboard/")
+    page.fill("#username_input", user)
+    page.fill("#password_input", "any")
+    page.click("#login_submit")
+    page.wait_for_url("**/services/gpu-broker/dashboard/")
+    page.wait_for_selector("header span")
+
+
+def test_a_teachers_dashboard_shows_their_class_and_not_another(
+    hub_up: Deployment, chromium: Any
+) -> None:
+    deployment = hub_up
+    with browser_page(chromium) as page:
+        sign_in_through_the_hub(page, deployment, "prof")
+        assert page.inner_text("header span") == "prof · teacher"
+        assert page.locator("section.class h2").all_inner_texts() == ["Class ml101"]
+        students = page.locator("#class-ml101 td:first-child").all_inner_texts()
+        assert {"ana", "ben"} <= set(students) and "carl" not in students
+        assert page.locator("#class-ml101 svg.plot").count() == 1
+        assert page.locator("#hosts").count() == 0  # the pool is the admins'
+        cookie = next(c for c in page.context.cookies() if c["name"] == "gpu_broker_session")
+        assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+
+
+def test_the_admin_drains_a_host_from_the_page(hub_up: Deployment, chromium: Any) -> None:
+    deployment = hub_up
+    with browser_page(chromium) as page:
+        sign_in_through_the_hub(page, deployment, "boss")
+        assert page.inner_text("header span") == "boss · admin"
+        row = page.locator("#hosts tr", has_text="hostB")
+        row.get_by_role("link", name="Drain").click()
+        page.get_by_role("button", name="Yes, drain hostB").click()
+        page.wait_for_selector("text=Host hostB drained.")
+        hosts = {h["name"]: h for h in deployment.pool.status()["hosts"]}
+        assert hosts["hostB"]["drained"] is True
+        page.locator("#hosts tr", has_text="hostB").get_by_role("link", name="Undrain").click()
+        page.get_by_role("button", name="Yes, undrain hostB").click()
+        page.wait_for_selector("text=Host hostB undrained.")
+        hosts = {h["name"]: h for h in deployment.pool.status()["hosts"]}
+        assert hosts["hostB"]["drained"] is False

@@ -1,7 +1,8 @@
 """Hub users and groups as the broker's identities and classes, against a real JupyterHub.
 
-A real broker (``gpu-broker serve``) registered as the hub's service ``gpu-broker``, a real hub
-(dummy authenticator) with users, groups and tokens made through its REST API. The broker's
+The session's hub deployment (conftest.py ``hub_deployment``, tests/hub.py): a real broker
+(``gpu-broker serve``) registered as the hub's service ``gpu-broker``, a real hub (dummy
+authenticator) whose users, groups and tokens are made through its REST API. The broker's
 ``[policy] members_only`` refuses users in no class; ``ml101`` is the hub group ``ml-101`` with
 its teachers in ``ml-101-staff``; ``ml102`` is ``ml-102`` with a teacher named in the config.
 """
@@ -12,31 +13,12 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
 from broker.config.loader import parse_config
 from broker.errors import ConfigError
-from tests.hub import TestHub, hub_available
-from tests.pool import Pool
-
-CACHE_TIME = 4.0
-
-GROUPS = """
-[[groups]]
-name = "ml101"
-hub_group = "ml-101"
-teacher_hub_group = "ml-101-staff"
-kinds = ["sim"]
-
-[[groups]]
-name = "ml102"
-hub_group = "ml-102"
-teachers = ["prof2"]
-"""
+from tests.hub import CACHE_TIME, CLASS_GROUPS, Deployment
 
 
 def call(url: str, method: str, path: str, token: str, body: object = None) -> tuple[int, dict]:
@@ -52,17 +34,26 @@ def call(url: str, method: str, path: str, token: str, body: object = None) -> t
         return exc.code, json.loads(exc.read() or b"{}")
 
 
-@dataclass
 class Hubbed:
-    pool: Pool
-    hub: TestHub
-    tokens: dict[str, str]
+    """The session's deployment, seen through its users' hub tokens (made on first use)."""
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.pool, self.hub = deployment.pool, deployment.hub
+        self.tokens: dict[str, str] = {}
+
+    def token(self, who: str) -> str:
+        if who not in self.tokens:
+            self.tokens[who] = self.hub.user_token(who)
+        return self.tokens[who]
 
     def call(self, who: str, method: str, path: str, body: object = None) -> tuple[int, dict]:
-        return call(self.pool.url, method, path, self.tokens.get(who, who), body)
+        return call(self.pool.url, method, path, self.token(who), body)
 
     def lease(self, who: str, kernel_id: str) -> tuple[int, dict]:
         return self.call(who, "POST", "/api/v1/leases", {"kind": "sim", "kernel_id": kernel_id})
+
+    def release(self, lease: dict) -> None:
+        call(self.pool.url, "DELETE", f"/api/v1/leases/{lease['id']}", self.pool.admin_token)
 
     def metric(self, name: str) -> float:
         request = urllib.request.Request(
@@ -76,143 +67,114 @@ class Hubbed:
         raise AssertionError(f"no metric {name} in\n{text}")
 
 
-@pytest.fixture(scope="module")
-def hubbed(tmp_path_factory, ssh_hosts, client_keys) -> Iterator[Hubbed]:
-    reason = hub_available()
-    if reason:
-        pytest.skip(reason)
-    base: Path = tmp_path_factory.mktemp("hub-identity")
-    pool = Pool(base / "pool", ssh_hosts, client_keys)
-    hub = TestHub(base / "hub", pool.url)
-    text = pool.config.read_text().replace("[policy]\n", "[policy]\nmembers_only = true\n", 1)
-    pool.config.write_text(text + hub.identity_toml(f"{CACHE_TIME:g}s") + GROUPS)
-    pool.start()  # first: the hub waits for its services to answer
-    try:
-        hub.start()
-        for name in ("ana", "ben", "eve", "prof", "ana@uni.edu"):
-            hub.add_user(name)
-        hub.add_user("boss", admin=True)
-        hub.add_group("ml-101", ["ana", "ben"])
-        hub.add_group("ml-101-staff", ["prof"])
-        hub.add_group("ml-102", [])
-        tokens = {name: hub.user_token(name) for name in ("ana", "ben", "eve", "prof", "boss")}
-        tokens["email"] = hub.user_token("ana@uni.edu")
-        yield Hubbed(pool, hub, tokens)
-    finally:
-        hub.stop()
-        pool.close()
-
-
 @pytest.fixture
-def hub_up(hubbed: Hubbed) -> Hubbed:
-    """The module's hub and broker, the hub started again if a test stopped it."""
-    if hubbed.hub.proc is None:
-        hubbed.hub.start()
-    return hubbed
+def hubbed(hub_up: Deployment) -> Hubbed:
+    return Hubbed(hub_up)
 
 
-def test_hub_users_are_known_by_their_hub_names_with_roles_from_the_hub(hub_up: Hubbed) -> None:
-    assert hub_up.call("ana", "GET", "/api/v1/whoami") == (200, {"user": "ana", "role": "user"})
-    assert hub_up.call("boss", "GET", "/api/v1/whoami")[1]["role"] == "admin"  # a hub admin
-    assert hub_up.call("prof", "GET", "/api/v1/whoami")[1]["role"] == "teacher"  # ml-101-staff
+def test_hub_users_are_known_by_their_hub_names_with_roles_from_the_hub(hubbed: Hubbed) -> None:
+    assert hubbed.call("ana", "GET", "/api/v1/whoami") == (200, {"user": "ana", "role": "user"})
+    assert hubbed.call("boss", "GET", "/api/v1/whoami")[1]["role"] == "admin"  # a hub admin
+    assert hubbed.call("prof", "GET", "/api/v1/whoami")[1]["role"] == "teacher"  # ml-101-staff
     # Broker tokens keep working beside the hub's.
-    status, me = call(hub_up.pool.url, "GET", "/api/v1/whoami", hub_up.pool.admin_token)
+    status, me = call(hubbed.pool.url, "GET", "/api/v1/whoami", hubbed.pool.admin_token)
     assert (status, me["role"]) == (200, "admin")
 
 
-def test_class_membership_follows_the_hub_group_from_the_next_request(hub_up: Hubbed) -> None:
-    status, lease = hub_up.lease("ana", "k-ana-1")
+def test_class_membership_follows_the_hub_group_from_the_next_request(hubbed: Hubbed) -> None:
+    status, lease = hubbed.lease("ana", "k-ana-1")
     assert status == 201, lease
     assert lease["user"] == "ana"
-    hub_up.call("ana", "DELETE", f"/api/v1/leases/{lease['id']}")
+    hubbed.release(lease)
 
-    status, body = hub_up.lease("eve", "k-eve-1")
+    status, body = hubbed.lease("dan", "k-dan-1")
     assert status == 403
     assert body["error"]["code"] == "not_a_member"
     assert "ml101" in body["error"]["message"] and "ask your teacher" in body["error"]["message"]
 
-    hub_up.hub.add_to_group("ml-101", ["eve"])  # no broker reload
-    status, lease = hub_up.lease("eve", "k-eve-2")
-    assert status == 201, lease
-    hub_up.call("eve", "DELETE", f"/api/v1/leases/{lease['id']}")
+    hubbed.hub.add_to_group("ml-101", ["dan"])  # no broker reload
+    try:
+        status, lease = hubbed.lease("dan", "k-dan-2")
+        assert status == 201, lease
+        hubbed.release(lease)
+    finally:
+        hubbed.hub.remove_from_group("ml-101", ["dan"])
+    assert hubbed.lease("dan", "k-dan-3")[0] == 403
 
-    hub_up.hub.remove_from_group("ml-101", ["eve"])
-    assert hub_up.lease("eve", "k-eve-3")[0] == 403
 
-
-def test_a_teacher_from_the_hub_sees_their_class_and_not_another(hub_up: Hubbed) -> None:
-    status, lease = hub_up.lease("ben", "k-ben-1")
+def test_a_teacher_from_the_hub_sees_their_class_and_not_another(hubbed: Hubbed) -> None:
+    status, lease = hubbed.lease("ben", "k-ben-1")
     assert status == 201, lease
     try:
-        status, seen = hub_up.call("prof", "GET", f"/api/v1/leases/{lease['id']}")
+        status, seen = hubbed.call("prof", "GET", f"/api/v1/leases/{lease['id']}")
         assert (status, seen["user"]) == (200, "ben")
-        status, usage = hub_up.call("prof", "GET", "/api/v1/usage?group=ml101")
+        status, usage = hubbed.call("prof", "GET", "/api/v1/usage?group=ml101")
         assert status == 200
         assert {row["user"] for row in usage["users"]} >= {"ben"}
-        assert hub_up.call("prof", "GET", "/api/v1/usage?group=ml102")[0] == 403
+        assert hubbed.call("prof", "GET", "/api/v1/usage?group=ml102")[0] == 403
         # A teacher reads; only the student (or an admin) acts on the lease.
-        assert hub_up.call("prof", "DELETE", f"/api/v1/leases/{lease['id']}")[0] == 403
-        assert hub_up.call("ana", "GET", f"/api/v1/leases/{lease['id']}")[0] == 403
+        assert hubbed.call("prof", "DELETE", f"/api/v1/leases/{lease['id']}")[0] == 403
+        assert hubbed.call("ana", "GET", f"/api/v1/leases/{lease['id']}")[0] == 403
     finally:
-        hub_up.call("boss", "DELETE", f"/api/v1/leases/{lease['id']}")
+        hubbed.release(lease)
 
 
-def test_tokens_the_broker_refuses_say_why_and_what_to_do(hub_up: Hubbed) -> None:
-    status, body = hub_up.call("not-a-token-the-hub-knows", "GET", "/api/v1/whoami")
+def test_tokens_the_broker_refuses_say_why_and_what_to_do(hubbed: Hubbed) -> None:
+    status, body = call(hubbed.pool.url, "GET", "/api/v1/whoami", "not-a-token-the-hub-knows")
     assert status == 401
     assert (
-        f"JupyterHub at {hub_up.hub.hub_url} does not know this token" in body["error"]["message"]
+        f"JupyterHub at {hubbed.hub.hub_url} does not know this token" in body["error"]["message"]
     )
 
-    narrow = hub_up.hub.user_token("ana", scopes=["read:users:name!user=ana"])
-    status, body = call(hub_up.pool.url, "GET", "/api/v1/whoami", narrow)
+    narrow = hubbed.hub.user_token("ana", scopes=["read:users:name!user=ana"])
+    status, body = call(hubbed.pool.url, "GET", "/api/v1/whoami", narrow)
     assert status == 403
     assert "access:services!service=gpu-broker" in body["error"]["message"]
 
     # A hub name that cannot be a Unix login is refused, naming the fix (no mapping: two hub
     # names must never become one broker user).
-    status, body = hub_up.call("email", "GET", "/api/v1/whoami")
+    status, body = hubbed.call("ana@uni.edu", "GET", "/api/v1/whoami")
     assert (status, body["error"]["code"]) == (403, "bad_user")
     assert "'ana@uni.edu'" in body["error"]["message"]
     assert "username_map" in body["error"]["message"]
 
     # A service's token is no user's.
-    status, _ = call(hub_up.pool.url, "GET", "/api/v1/whoami", hub_up.hub.admin_token)
+    status, _ = call(hubbed.pool.url, "GET", "/api/v1/whoami", hubbed.hub.admin_token)
     assert status == 401
 
 
-def test_identities_are_cached_and_the_cache_is_measured(hub_up: Hubbed) -> None:
-    token = hub_up.hub.user_token("ben")
-    hits = hub_up.metric('gpu_broker_hub_identity_lookups_total{result="hit"}')
-    calls = hub_up.metric('gpu_broker_hub_calls_total{call="user"}')
+def test_identities_are_cached_and_the_cache_is_measured(hubbed: Hubbed) -> None:
+    token = hubbed.hub.user_token("ben")
+    hits = hubbed.metric('gpu_broker_hub_identity_lookups_total{result="hit"}')
+    calls = hubbed.metric('gpu_broker_hub_calls_total{call="user"}')
     for _ in range(5):
-        assert call(hub_up.pool.url, "GET", "/api/v1/whoami", token)[0] == 200
-    assert hub_up.metric('gpu_broker_hub_calls_total{call="user"}') == calls + 1
-    assert hub_up.metric('gpu_broker_hub_identity_lookups_total{result="hit"}') == hits + 4
+        assert call(hubbed.pool.url, "GET", "/api/v1/whoami", token)[0] == 200
+    assert hubbed.metric('gpu_broker_hub_calls_total{call="user"}') == calls + 1
+    assert hubbed.metric('gpu_broker_hub_identity_lookups_total{result="hit"}') == hits + 4
 
 
-def test_a_hub_that_is_down_keeps_cached_identities_for_their_cache_time(hub_up: Hubbed) -> None:
-    status, lease = hub_up.lease("ana", "k-ana-down")
+def test_a_hub_that_is_down_keeps_cached_identities_for_their_cache_time(hubbed: Hubbed) -> None:
+    status, lease = hubbed.lease("ana", "k-ana-down")
     assert status == 201, lease
     looked_up = time.monotonic()  # ana's identity is cached from about now
     beat = f"/api/v1/leases/{lease['id']}/heartbeat"
-    hub_up.hub.kill()
+    hubbed.hub.kill()
     try:
-        assert hub_up.call("ana", "POST", beat, {"busy": False})[0] == 200  # from the cache
+        assert hubbed.call("ana", "POST", beat, {"busy": False})[0] == 200  # from the cache
         assert time.monotonic() - looked_up < CACHE_TIME, "the machine is too slow for this test"
 
-        status, body = call(hub_up.pool.url, "GET", "/api/v1/whoami", "a-token-never-seen")
+        status, body = call(hubbed.pool.url, "GET", "/api/v1/whoami", "a-token-never-seen")
         assert (status, body["error"]["code"]) == (503, "hub_unreachable")
         assert body["error"]["message"].startswith(
-            f"cannot reach JupyterHub at {hub_up.hub.hub_url}"
+            f"cannot reach JupyterHub at {hubbed.hub.hub_url}"
         )
 
         time.sleep(max(0.0, CACHE_TIME + 0.5 - (time.monotonic() - looked_up)))
-        status, body = hub_up.call("ana", "POST", beat, {"busy": False})
+        status, body = hubbed.call("ana", "POST", beat, {"busy": False})
         assert (status, body["error"]["code"]) == (503, "hub_unreachable")
-        assert "Traceback" not in (hub_up.pool.base / "broker.log").read_text()
+        assert "Traceback" not in (hubbed.pool.base / "broker.log").read_text()
     finally:
-        hub_up.call(hub_up.pool.admin_token, "DELETE", f"/api/v1/leases/{lease['id']}")
+        hubbed.release(lease)
 
 
 # -- the config, without a hub -------------------------------------------------------------------
@@ -230,8 +192,10 @@ address = "local"
 
 def test_the_config_names_the_hub_and_binds_groups_to_hub_groups() -> None:
     config = parse_config(
-        BASE + '[identity]\njupyterhub = { url = "http://hub:8081/", public_url = '
-        '"https://hub.example.org", api_token_file = "hub-token", cache_time = "30s" }\n' + GROUPS,
+        BASE
+        + '[identity]\njupyterhub = { url = "http://hub:8081/", public_url = '
+        + '"https://hub.example.org", api_token_file = "hub-token", cache_time = "30s" }\n'
+        + CLASS_GROUPS,
         "/etc/gpu-broker/broker.toml",
     )
     hub = config.identity.jupyterhub
@@ -254,7 +218,7 @@ def test_the_config_names_the_hub_and_binds_groups_to_hub_groups() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (GROUPS, "hub_group needs a hub: add [identity] jupyterhub"),
+        (CLASS_GROUPS, "hub_group needs a hub: add [identity] jupyterhub"),
         ('[identity]\njupyterhub = { url = "http://hub/hub/api" }\n', "without /hub or /hub/api"),
         ('[identity]\njupyterhub = { public_url = "http://hub" }\n', "missing url"),
         ('[identity]\njupyterhub = { url = "hub:8081" }\n', "must be an http(s) URL"),

@@ -77,7 +77,8 @@ class HubIdentities:
         self._groups_future: asyncio.Future[None] | None = None
         self._groups_started = 0.0
         self._groups_fetched_at: float | None = None  # start of the last fetch that worked
-        self._ticker: tornado.ioloop.PeriodicCallback | None = None
+        self._timer: object | None = None  # the next background read of the hub groups
+        self._stopped = True
 
     @property
     def enabled(self) -> bool:
@@ -105,17 +106,14 @@ class HubIdentities:
         if not self.enabled:
             return
         _ = self.api
-        loop = tornado.ioloop.IOLoop.current()
-        loop.add_callback(self._refresh_in_background)
-        self._ticker = tornado.ioloop.PeriodicCallback(
-            self._refresh_in_background, self.config.cache_time * 1000
-        )
-        self._ticker.start()
+        self._stopped = False
+        tornado.ioloop.IOLoop.current().add_callback(self._refresh_in_background)
 
     def stop(self) -> None:
-        if self._ticker is not None:
-            self._ticker.stop()
-            self._ticker = None
+        self._stopped = True
+        if self._timer is not None:
+            tornado.ioloop.IOLoop.current().remove_timeout(self._timer)
+            self._timer = None
 
     # -- who -----------------------------------------------------------------------------------
 
@@ -268,10 +266,17 @@ class HubIdentities:
             self._groups_future = None
 
     async def _refresh_in_background(self) -> None:
+        """Read the hub groups now, and again ``cache_time`` later (the current config's)."""
+        self._timer = None
+        if self._stopped or not self.enabled:
+            return
         try:
             await self.fresh_groups(self.clock())
         except HubError as exc:
             log.warning("hub groups not refreshed: %s", exc)
+        if not self._stopped and self.enabled:
+            loop = tornado.ioloop.IOLoop.current()
+            self._timer = loop.call_later(self.config.cache_time, self._refresh_in_background)
 
 
 @dataclass

@@ -97,6 +97,20 @@ def _parser() -> argparse.ArgumentParser:
         'reconnect (default: "10s")',
     )
     inst.add_argument(
+        "--warm",
+        default="30m",
+        help="keep a warm interpreter (Python, IPython and --warm-preload imported, no GPU "
+        "touched) on each host a kernel ran on, for this long unused, so the next start or "
+        'resume there skips those imports; "0" turns it off (default: "30m")',
+    )
+    inst.add_argument(
+        "--warm-preload",
+        action="append",
+        metavar="MODULE",
+        help='a module the warm interpreter imports beforehand (repeat it; default: torch; '
+        '"" for none)',
+    )
+    inst.add_argument(
         "--ssh-key-file", help="SSH key to use instead of the one the broker's config names"
     )
     inst.add_argument(
@@ -124,7 +138,10 @@ def _config_from(args: argparse.Namespace) -> dict:
         "orphan_grace": args.orphan_grace,
         "attach": args.attach,
         "link_timeout": args.link_timeout,
+        "warm": args.warm,
     }
+    if args.warm_preload is not None:
+        config["warm_preload"] = [name for name in args.warm_preload if name]
     if args.ssh_key_file:
         config["ssh_key_file"] = args.ssh_key_file
     if args.known_hosts_file:

@@ -57,11 +57,19 @@ def exit_text(code: int | None) -> str:
 
 
 def launch_request(
-    kernel_id: str, lease: Lease, key: bytes, scheme: str, env: dict[str, str]
+    kernel_id: str,
+    lease: Lease,
+    key: bytes,
+    scheme: str,
+    env: dict[str, str],
+    warm: float = 0.0,
+    warm_preload: tuple[str, ...] = (),
 ) -> LaunchRequest:
     """What the launcher on the lease's host is asked to start."""
     assert lease.host is not None and lease.slot is not None
     return LaunchRequest(
+        warm=warm,
+        warm_preload=warm_preload,
         protocol=PROTOCOL_VERSION,
         kernel_id=kernel_id,
         key=key.decode("ascii"),

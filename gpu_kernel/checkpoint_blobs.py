@@ -26,7 +26,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 CHUNK = 16 << 20  # leaves of the digest tree; also the unit of parallel reads
 _TAG = b"jupyter-shared-gpu/blob-v1\0"
@@ -103,8 +102,8 @@ class BlobStore:
     @contextlib.contextmanager
     def writing(self) -> Iterator[BlobStore]:
         """Hold the store's shared lock (no sweep meanwhile); create it (0700) if needed."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.root, 0o700)
+        self.root.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
         fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         fcntl.flock(fd, fcntl.LOCK_SH)
         self._lock_fd = fd
@@ -198,7 +197,7 @@ class BlobStore:
             raise BlobError(d, MISSING) from None
         try:
             if os.fstat(fd).st_size != len(out):
-                raise BlobError(d, "has the wrong size")
+                raise self._damaged(d, "has the wrong size")
 
             def leaf(start: int) -> bytes:
                 view = out[start : start + CHUNK]
@@ -215,11 +214,15 @@ class BlobStore:
         finally:
             os.close(fd)
         if _root(len(out), leaves) != d:
-            raise BlobError(d, "does not match its digest")
+            raise self._damaged(d, "does not match its digest")
 
-    def discard(self, d: str) -> None:
-        """Remove a damaged blob, so that the next copy or save writes it again."""
-        self.path(d).unlink(missing_ok=True)
+    def _damaged(self, d: str, problem: str) -> BlobError:
+        """Set a damaged blob aside (``.<d>.damaged``, swept later), so that the next save or
+        copy that needs these bytes writes them again instead of trusting the file."""
+        path = self.path(d)
+        with contextlib.suppress(OSError):
+            os.replace(path, path.with_name(f".{d}.damaged"))
+        return BlobError(d, f"{problem} (set aside; the next save or copy writes it again)")
 
     # -- sweeping ----------------------------------------------------------------------------
 
@@ -255,7 +258,9 @@ class BlobStore:
                     continue
                 for entry in os.scandir(folder):
                     st = entry.stat(follow_symlinks=False)
-                    stale_tmp = entry.name.endswith(".tmp") and now - st.st_mtime > 3600
+                    stale_tmp = (
+                        entry.name.endswith((".tmp", ".damaged")) and now - st.st_mtime > 3600
+                    )
                     if stale_tmp or (DIGEST_RE.fullmatch(entry.name) and entry.name not in keep):
                         loose.append((st.st_mtime, st.st_size, Path(entry.path)))
             loose.sort()
@@ -293,9 +298,3 @@ def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
         parts.append(got)
         left -= len(got)
     return b"".join(parts)
-
-
-def info(store: BlobStore, blobs: dict[str, Any]) -> tuple[int, int]:
-    """(blobs, bytes) of ``blobs`` already in ``store``."""
-    present = [n for d, n in blobs.items() if store.has(d, int(n))]
-    return len(present), sum(int(n) for n in present)

@@ -17,6 +17,8 @@ if the namespace holds tensors (save) or the checkpoint has some (load).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hmac
 import json
 import os
@@ -25,7 +27,7 @@ import shutil
 import sys
 import time
 import types
-from collections.abc import Container
+from collections.abc import Container, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,19 @@ def is_saved_name(name: str, hidden: Container[str] = ()) -> bool:
     return not (name in hidden or name in IPYTHON_NAMES or _SKIP_RE.fullmatch(name))
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic GC: a save or load makes many short-lived containers (freed by their
+    refcounts), and every collection would walk the whole heap of a big notebook again."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 def _as_key(key: bytes | str) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
 
@@ -209,7 +224,7 @@ def save_namespace(
             "check that the directory exists, is writable and its disk is not full",
         ) from exc
     try:
-        with bstore.writing():
+        with _no_gc(), bstore.writing():
             sink = ItemSink(bstore)
             pickled = NamespacePickler(ns, sink).run(defs + objects)
             dropped += [DroppedVariable(*d) for d in pickled.dropped]
@@ -241,8 +256,7 @@ def save_namespace(
                 "modules": [[*m[:3], loc[m[3]] if m[3] else None, m[4]] for m in modules],
             }
             canonical = _canonical(body)
-            mac = cio.manifest_mac(key, canonical).encode()
-            doc = b'{"hmac": "' + mac + b'", "manifest": ' + canonical + b"}"
+            doc = _HEAD + cio.manifest_mac(key, canonical).encode() + _MID + canonical + b"}"
             cio.write_small(tmp, MANIFEST, doc)
             cio.publish(tmp, directory)
     except BaseException as exc:
@@ -269,6 +283,18 @@ def _manifest_json(m: Manifest) -> dict[str, Any]:
         "total_bytes": m.total_bytes,
         "written_bytes": m.written_bytes,
     }
+
+
+_HEAD, _MID = b'{"hmac": "', b'", "manifest": '  # manifest.json as written: MAC, then body
+
+
+def _split_manifest(raw: bytes) -> tuple[bytes, bytes | None]:
+    """(MAC, canonical body) of a manifest file as :func:`save_namespace` writes it, else
+    (b"", None)."""
+    start = len(_HEAD) + 64 + len(_MID)
+    if raw.startswith(_HEAD) and raw[len(_HEAD) + 64 : start] == _MID and raw.endswith(b"}"):
+        return raw[len(_HEAD) : len(_HEAD) + 64], raw[start:-1]
+    return b"", None
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -305,17 +331,24 @@ def read_manifest(directory: Path, key: bytes) -> dict[str, Any]:
         ) from exc
     with os.fdopen(fd, "rb") as f:
         raw = f.read(_MAX_MANIFEST + 1)
-    try:
-        doc = json.loads(raw)
-        body, mac = doc["manifest"], doc["hmac"]
-        ok = isinstance(body, dict) and isinstance(mac, str)
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if (
-        not ok
-        or len(raw) > _MAX_MANIFEST
-        or not hmac.compare_digest(cio.manifest_mac(key, _canonical(body)), mac)
-    ):
+    if len(raw) > _MAX_MANIFEST:
+        raise _integrity_error(directory)
+    mac, canonical = _split_manifest(raw)
+    good = canonical is not None and hmac.compare_digest(
+        cio.manifest_mac(key, canonical).encode(), mac
+    )
+    if good:
+        body = json.loads(canonical or b"")  # as written: the bytes checked, then parsed
+    else:  # re-encoded by someone (or not ours): check its canonical form
+        try:
+            doc = json.loads(raw)
+            body, text = doc["manifest"], doc["hmac"]
+            ok = isinstance(body, dict) and isinstance(text, str)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok or not hmac.compare_digest(cio.manifest_mac(key, _canonical(body)), text):
+            raise _integrity_error(directory)
+    if not isinstance(body, dict):
         raise _integrity_error(directory)
     if body.get("version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -353,7 +386,17 @@ def load_namespace(
     ``dropped`` those not saved plus those that failed to restore, each alone with its reason,
     and in ``notes`` what else the user should know.
     """
-    directory, key = Path(directory).absolute(), _as_key(key)
+    with _no_gc():
+        return _load(Path(directory).absolute(), _as_key(key), device, namespace, modules_dir)
+
+
+def _load(
+    directory: Path,
+    key: bytes,
+    device: str | None,
+    namespace: dict[str, Any] | None,
+    modules_dir: Path | None,
+) -> tuple[dict, Manifest]:
     body = read_manifest(directory, key)
     try:
         loader = Loader(body, store_of(directory, body), device)

@@ -54,12 +54,19 @@ def pool() -> ThreadPoolExecutor:
     return _pool
 
 
-def _leaf(view: memoryview) -> bytes:
-    return hashlib.sha256(view).digest()
+_SHA256 = hashlib.sha256()  # copied: cheaper than a new one (OpenSSL 3 looks the digest up)
+_TAGGED = hashlib.sha256(_TAG)
+
+
+def _leaf(view: memoryview | bytes) -> bytes:
+    h = _SHA256.copy()
+    h.update(view)
+    return h.digest()
 
 
 def _root(nbytes: int, leaves: Iterable[bytes]) -> str:
-    h = hashlib.sha256(_TAG + nbytes.to_bytes(8, "little"))
+    h = _TAGGED.copy()
+    h.update(nbytes.to_bytes(8, "little"))
     for leaf in leaves:
         h.update(leaf)
     return h.hexdigest()
@@ -69,7 +76,7 @@ def digest(data: bytes | bytearray | memoryview) -> str:
     """The hex digest naming ``data`` (SHA-256 of its size and its chunks' SHA-256s)."""
     n = len(data) if isinstance(data, bytes) else memoryview(data).nbytes
     if n <= CHUNK:
-        return _root(n, [hashlib.sha256(data).digest()])
+        return _root(n, [_leaf(data)])
     view = memoryview(data).cast("B")
     return _root(n, pool().map(_leaf, [view[i : i + CHUNK] for i in range(0, n, CHUNK)]))
 

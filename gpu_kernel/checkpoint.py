@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import hmac
 import json
 import os
@@ -36,14 +37,18 @@ from gpu_kernel import checkpoint_blobs as blobs
 from gpu_kernel import checkpoint_io as cio
 from gpu_kernel import checkpoint_modules as cmod
 from gpu_kernel import checkpoint_pickle as cp
+from gpu_kernel.checkpoint_blobs import (
+    MANIFEST,
+    STORE_DIR,
+    CheckpointError,
+    blob_store,
+    runtime_store,
+    store_of,
+)
 from gpu_kernel.checkpoint_load import BlobsUnreadable, Loader
 from gpu_kernel.checkpoint_save import ItemSink, NamespacePickler
-from gpu_kernel.errors import SharedGPUError
 
 FORMAT_VERSION = 2  # 2: content-addressed blobs, one pickle per variable or group
-MANIFEST = "manifest.json"
-STORE_DIR = ".blobs"  # not a valid kernel id: never mistaken for a kernel's runtime dir
-_STORE_RE = re.compile(r"(\.\./){1,2}\.blobs(/[A-Za-z_][A-Za-z0-9_.-]{0,31})?")
 _MAX_MANIFEST = 256 << 20
 
 # IPython's own names in user_ns (the kernel also passes shell.user_ns_hidden as ``hidden``).
@@ -67,10 +72,6 @@ IPYTHON_NAMES = frozenset(
     ]
 )
 _SKIP_RE = re.compile(r"_i\d+|_\d+|__\w+__")
-
-
-class CheckpointError(SharedGPUError):
-    """A checkpoint is missing, tampered with, foreign (another kernel's) or can't be written."""
 
 
 @dataclass(frozen=True)
@@ -141,35 +142,16 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
+# The GMAC tags of each kernel's last save or load (by session key), reused for unchanged blobs.
+_TAGS: dict[bytes, dict[str, list[str]]] = {}
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"jupyter-shared-gpu/key-id\0" + key).digest()
+
+
 def _as_key(key: bytes | str) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
-
-
-def runtime_store(runtime_dir: Path, owner: str) -> Path:
-    """The blob store of a kernel's runtime dir: ``<root>/<host>/.blobs/<owner>``."""
-    return Path(runtime_dir).parent / STORE_DIR / owner
-
-
-def blob_store(directory: Path, store: Path | str) -> blobs.BlobStore:
-    """The store ``store`` (absolute, or relative to the checkpoint ``directory``, as manifests
-    name it) with the manifests that may reference it (for sweeping)."""
-    directory = Path(directory).absolute()
-    root = Path(os.path.normpath(directory / store))
-    base = root.parent if root.name == STORE_DIR else root.parent.parent
-    rel = Path(os.path.relpath(directory, base)).parts
-    pattern = "/".join(("*", *rel[1:], MANIFEST))
-    return blobs.BlobStore(root, base, (pattern,))
-
-
-def store_of(directory: Path, body: dict[str, Any]) -> blobs.BlobStore:
-    """The blob store a manifest names (refused unless it is ``../.blobs``-shaped)."""
-    rel = body.get("store")
-    if not isinstance(rel, str) or not _STORE_RE.fullmatch(rel):
-        raise CheckpointError(
-            f"checkpoint at {directory} names its blob store as {rel!r}",
-            "this checkpoint was not written by jupyter-shared-gpu; start a fresh kernel",
-        )
-    return blob_store(directory, rel)
 
 
 # -------------------------------------------------------------------------------------- saving
@@ -225,7 +207,7 @@ def save_namespace(
         ) from exc
     try:
         with _no_gc(), bstore.writing():
-            sink = ItemSink(bstore)
+            sink = ItemSink(bstore, key, _TAGS.get(_key_id(key)))
             pickled = NamespacePickler(ns, sink).run(defs + objects)
             dropped += [DroppedVariable(*d) for d in pickled.dropped]
             modules = cmod.local_modules(
@@ -251,6 +233,7 @@ def save_namespace(
                 "store": os.path.relpath(root, directory),
                 "sys_path": [p for p in sys.path if isinstance(p, str)],
                 "blobs": blob_list,
+                "tags": {d: sink.tags[d] for d, _n in blob_list if d in sink.tags},
                 "groups": [[n, e, loc[i], [loc[b] for b in bs]] for n, e, i, bs in pickled.groups],
                 "storages": {k: [loc[d], where] for k, (d, where, _n) in pickled.storages.items()},
                 "modules": [[*m[:3], loc[m[3]] if m[3] else None, m[4]] for m in modules],
@@ -259,6 +242,7 @@ def save_namespace(
             doc = _HEAD + cio.manifest_mac(key, canonical).encode() + _MID + canonical + b"}"
             cio.write_small(tmp, MANIFEST, doc)
             cio.publish(tmp, directory)
+            _TAGS[_key_id(key)] = body["tags"]
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -399,8 +383,9 @@ def _load(
 ) -> tuple[dict, Manifest]:
     body = read_manifest(directory, key)
     try:
-        loader = Loader(body, store_of(directory, body), device)
+        loader = Loader(body, store_of(directory, body), device, key)
         loader.read_all()
+        _TAGS[_key_id(key)] = body["tags"]
     except BlobsUnreadable as exc:
         err = exc.error
         what = (
@@ -452,3 +437,20 @@ def _manifest_from(body: dict[str, Any]) -> Manifest:
         total_bytes=body["total_bytes"],
         written_bytes=body.get("written_bytes", 0),
     )
+
+
+__all__ = [
+    "STORE_DIR",
+    "CheckpointError",
+    "DroppedVariable",
+    "Manifest",
+    "SavedVariable",
+    "blob_store",
+    "format_bytes",
+    "is_saved_name",
+    "load_namespace",
+    "read_manifest",
+    "runtime_store",
+    "save_namespace",
+    "store_of",
+]

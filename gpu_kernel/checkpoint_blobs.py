@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -26,8 +27,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
+
+from gpu_kernel.errors import SharedGPUError
 
 CHUNK = 16 << 20  # leaves of the digest tree; also the unit of parallel reads
+STEP = 1 << 20  # a GMAC'd blob is read and checked this much at a time (still in the cache)
 _TAG = b"jupyter-shared-gpu/blob-v1\0"
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 BLOB_TTL = float(os.environ.get("SHARED_GPU_BLOB_TTL", 12 * 3600))  # s an unreferenced blob stays
@@ -36,6 +41,13 @@ SWEEP_EVERY = 600.0  # s between two sweeps of one store
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _pool: ThreadPoolExecutor | None = None
 MISSING = "is missing"
+STORE_DIR = ".blobs"  # not a valid kernel id: never mistaken for a kernel's runtime dir
+_STORE_RE = re.compile(r"(\.\./){1,2}\.blobs(/[A-Za-z_][A-Za-z0-9_.-]{0,31})?")
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(SharedGPUError):
+    """A checkpoint is missing, tampered with, foreign (another kernel's) or can't be written."""
 
 
 class BlobError(Exception):
@@ -79,6 +91,41 @@ def digest(data: bytes | bytearray | memoryview) -> str:
         return _root(n, [_leaf(data)])
     view = memoryview(data).cast("B")
     return _root(n, pool().map(_leaf, [view[i : i + CHUNK] for i in range(0, n, CHUNK)]))
+
+
+class Gmac:
+    """GMAC: AES-256-GCM over no plaintext, the data as associated data (NIST SP 800-38D).
+
+    ~4x faster than SHA-256 here: a kernel checks its big blobs with it at load. The AES key is
+    :func:`blob_key` (the kernel's session key, the blob's digest, a fresh nonce), so a key and
+    nonce pair never authenticates two different things."""
+
+    def __init__(self, aes_key: bytes, nonce: bytes) -> None:
+        from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+        self._enc = Cipher(algorithms.AES(aes_key), modes.GCM(nonce)).encryptor()
+
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self._enc.authenticate_additional_data(data)
+
+    def hexdigest(self) -> str:
+        self._enc.finalize()
+        return self._enc.tag.hex()
+
+
+def blob_key(key: bytes, d: str, nonce: bytes) -> bytes:
+    """The AES key of the GMAC of blob ``d`` under a kernel's session ``key``."""
+    label = b"jupyter-shared-gpu/blob-gmac\0" + d.encode() + b"\0" + nonce
+    return hmac.new(key, label, hashlib.sha256).digest()
+
+
+def gmac_tag(key: bytes, d: str, data: memoryview) -> list[str]:
+    """``[nonce, tag]`` (hex) of ``data`` (blob ``d``) under the session ``key``."""
+    nonce = secrets.token_bytes(12)
+    mac = Gmac(blob_key(key, d, nonce), nonce)
+    for i in range(0, max(len(data), 1), STEP):
+        mac.update(data[i : i + STEP])
+    return [nonce.hex(), mac.hexdigest()]
 
 
 def check_digest(name: object) -> str:
@@ -194,10 +241,15 @@ class BlobStore:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def read_into(self, d: str, out: memoryview) -> None:
-        """Fill ``out`` with the blob's bytes, hashing each chunk as it lands (chunks in
-        parallel); raises BlobError if it is missing, the wrong size or not what ``d`` names."""
+    def read_into(
+        self, d: str, out: memoryview, tag: tuple[bytes, list[str]] | None = None
+    ) -> None:
+        """Fill ``out`` with the blob's bytes, checking them as they land: against its digest
+        (chunks hashed in parallel), or, given ``tag`` = (session key, [nonce, tag]), against
+        that GMAC. Raises BlobError if it is missing, the wrong size or not those bytes."""
         out = out.cast("B")
+        if tag is not None:
+            return self._read_gmac(d, out, *tag)
         try:
             fd = os.open(self.path(d), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -221,6 +273,32 @@ class BlobStore:
         finally:
             os.close(fd)
         if _root(len(out), leaves) != d:
+            raise self._damaged(d, "does not match its digest")
+
+    def _read_gmac(self, d: str, out: memoryview, key: bytes, nonce_tag: list[str]) -> None:
+        nonce = bytes.fromhex(nonce_tag[0])
+        mac = Gmac(blob_key(key, d, nonce), nonce)
+        try:
+            fd = os.open(self.path(d), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BlobError(d, MISSING) from None
+        try:
+            if os.fstat(fd).st_size != len(out):
+                raise self._damaged(d, "has the wrong size")
+            pos = 0
+            while pos < len(out):
+                piece = out[pos : pos + STEP]
+                got = 0
+                while got < len(piece):
+                    n = os.preadv(fd, [piece[got:]], pos + got)
+                    if n <= 0:
+                        raise BlobError(d, "was cut short while reading")
+                    got += n
+                mac.update(piece)
+                pos += len(piece)
+        finally:
+            os.close(fd)
+        if not hmac.compare_digest(mac.hexdigest(), str(nonce_tag[1])):
             raise self._damaged(d, "does not match its digest")
 
     def _damaged(self, d: str, problem: str) -> BlobError:
@@ -305,3 +383,30 @@ def _read_exactly(read: Callable[[int], bytes], n: int) -> bytes:
         parts.append(got)
         left -= len(got)
     return b"".join(parts)
+
+
+def runtime_store(runtime_dir: Path, owner: str) -> Path:
+    """The blob store of a kernel's runtime dir: ``<root>/<host>/.blobs/<owner>``."""
+    return Path(runtime_dir).parent / STORE_DIR / owner
+
+
+def blob_store(directory: Path, store: Path | str) -> BlobStore:
+    """The store ``store`` (absolute, or relative to the checkpoint ``directory``, as manifests
+    name it) with the manifests that may reference it (for sweeping)."""
+    directory = Path(directory).absolute()
+    root = Path(os.path.normpath(directory / store))
+    base = root.parent if root.name == STORE_DIR else root.parent.parent
+    rel = Path(os.path.relpath(directory, base)).parts
+    pattern = "/".join(("*", *rel[1:], MANIFEST))
+    return BlobStore(root, base, (pattern,))
+
+
+def store_of(directory: Path, body: dict[str, Any]) -> BlobStore:
+    """The blob store a manifest names (refused unless it is ``../.blobs``-shaped)."""
+    rel = body.get("store")
+    if not isinstance(rel, str) or not _STORE_RE.fullmatch(rel):
+        raise CheckpointError(
+            f"checkpoint at {directory} names its blob store as {rel!r}",
+            "this checkpoint was not written by jupyter-shared-gpu; start a fresh kernel",
+        )
+    return blob_store(directory, rel)

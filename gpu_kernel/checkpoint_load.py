@@ -36,8 +36,10 @@ class BlobsUnreadable(Exception):
 class Loader:
     """One load: the verified bytes of every blob, then the namespace built from them."""
 
-    def __init__(self, body: dict[str, Any], store: blobs.BlobStore, device: str | None) -> None:
-        self.body, self.store, self.device = body, store, device
+    def __init__(
+        self, body: dict[str, Any], store: blobs.BlobStore, device: str | None, key: bytes
+    ) -> None:
+        self.body, self.store, self.device, self.key = body, store, device, key
         self._mem: list[memoryview] = []  # each blob's verified bytes (by its index)
         self._flat: dict[int, Any] = {}  # blob index -> the CPU tensor holding it (storages)
         self._claimed: set[tuple[int, int, int]] = set()  # handed out once (others get copies)
@@ -67,7 +69,8 @@ class Loader:
                     self._flat[i], view = ct.empty_buffer(sizes[i])
                 else:
                     view = memoryview(bytearray(sizes[i]))
-                self.store.read_into(blobs.check_digest(d), view)
+                tag = self.body["tags"].get(d)
+                self.store.read_into(blobs.check_digest(d), view, (self.key, tag) if tag else None)
                 self._mem.append(view)
         except blobs.BlobError as exc:
             raise BlobsUnreadable(exc, self.store) from None

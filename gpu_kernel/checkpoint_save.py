@@ -36,10 +36,17 @@ _DEF_TYPES = (type, types.FunctionType)
 
 
 class ItemSink:
-    """Items of one save, by digest; writes blobs to ``store`` (inside ``store.writing()``)."""
+    """Items of one save, by digest; writes blobs to ``store`` (inside ``store.writing()``).
 
-    def __init__(self, store: blobs.BlobStore) -> None:
-        self.store = store
+    Each big item's blob also gets a GMAC ``tag`` under the kernel's session ``key`` (the
+    loader's fast check); ``known`` holds the tags of this kernel's last save or load, so an
+    unchanged blob is not read again for it."""
+
+    def __init__(
+        self, store: blobs.BlobStore, key: bytes, known: dict[str, list[str]] | None = None
+    ) -> None:
+        self.store, self.key, self.known = store, key, known or {}
+        self.tags: dict[str, list[str]] = {}
         self.where: dict[str, list[Any]] = {}  # item digest -> [blob digest, offset, nbytes]
         self.blobs: dict[str, int] = {}
         self._small: dict[str, memoryview] = {}
@@ -54,10 +61,16 @@ class ItemSink:
         if len(view) >= BIG_ITEM:
             self.where[d] = [d, 0, len(view)]
             self.blobs[d] = len(view)
-            self._writes.append(blobs.pool().submit(self.store.put, d, [view]))
+            self._writes.append(blobs.pool().submit(self._big, d, view))
         else:
             self._small[d] = view
         return d
+
+    def _big(self, d: str, view: memoryview) -> int:
+        written = self.store.put(d, [view])
+        known = self.known.get(d)
+        self.tags[d] = known if known is not None else blobs.gmac_tag(self.key, d, view)
+        return written
 
     def finish(self, used: Iterable[str]) -> None:
         """Pack the small items in ``used``, wait for every write, fsync the store's folders."""

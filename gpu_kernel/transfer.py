@@ -64,11 +64,9 @@ def _blob_list(raw: Any) -> list[tuple[str, int]]:
 
 
 def _store(checkpoint_dir: Path, rel: Any) -> blobs.BlobStore:
-    from gpu_kernel.checkpoint import CheckpointError, store_of
-
     try:
-        return store_of(checkpoint_dir, {"store": rel})
-    except CheckpointError as e:
+        return blobs.store_of(checkpoint_dir, {"store": rel})
+    except blobs.CheckpointError as e:
         raise BadRequest(e.message, e.hint) from e
 
 

@@ -201,3 +201,61 @@ def test_the_unreferenced_blobs_are_capped(tmp_path: Path) -> None:
     gone = store.sweep(cap=5 * MIB)
     assert len(gone) >= 1
     assert load_namespace(tmp_path / "k2", KEY)[0]["t"][0] == 2.0
+
+
+# NIST CAVP gcmEncryptExtIV256.rsp: PTlen=0, so the tag is the GMAC of the AAD (Keylen=256,
+# IVlen=96, Taglen=128; the AADlen=0, 128 and 160 groups, Count 0-1).
+NIST_GMAC = [
+    (
+        "b52c505a37d78eda5dd34f20c22540ea1b58963cf8e5bf8ffa85f9f2492505b4",
+        "516c33929df5a3284ff463d7",
+        "",
+        "bdc1ac884d332457a1d2664f168c76f0",
+    ),
+    (
+        "78dc4e0aaf52d935c3c01eea57428f00ca1fd475f5da86a49c8dd73d68c8e223",
+        "d79cf22d504cc793c3fb6c8a",
+        "b96baa8c1c75a671bfb2d08d06be5f36",
+        "3e5d486aa2e30b22e040b85723a06e76",
+    ),
+    (
+        "4457ff33683cca6ca493878bdc00373893a9763412eef8cddb54f91318e0da88",
+        "699d1f29d7b8c55300bb1fd2",
+        "6749daeea367d0e9809e2dc2f309e6e3",
+        "d60c74d2517fde4a74e0cd4709ed43a9",
+    ),
+    (
+        "886cff5f3e6b8d0e1ad0a38fcdb26de97e8acbe79f6bed66959a598fa5047d65",
+        "3a8efa1cd74bbab5448f9945",
+        "519fee519d25c7a304d6c6aa1897ee1eb8c59655",
+        "f6d47505ec96c98a42dc3ae719877b87",
+    ),
+]
+
+
+@pytest.mark.parametrize(("key", "iv", "aad", "tag"), NIST_GMAC)
+def test_gmac_matches_the_nist_vectors(key: str, iv: str, aad: str, tag: str) -> None:
+    data = bytes.fromhex(aad)
+    whole = blobs.Gmac(bytes.fromhex(key), bytes.fromhex(iv))
+    whole.update(data)
+    assert whole.hexdigest() == tag
+    pieces = blobs.Gmac(bytes.fromhex(key), bytes.fromhex(iv))  # fed in pieces, as blobs are
+    for i in range(0, len(data), 7):
+        pieces.update(data[i : i + 7])
+    assert pieces.hexdigest() == tag
+
+
+def test_big_blobs_are_checked_with_the_kernels_gmac(tmp_path: Path) -> None:
+    t = torch.randn(MIB)
+    save({"t": t}, tmp_path / "ck")
+    doc = __import__("json").loads((tmp_path / "ck" / "manifest.json").read_bytes())
+    [(digest, (nonce, tag))] = doc["manifest"]["tags"].items()
+    data = blobs.BlobStore(tmp_path / ".blobs", tmp_path, ()).path(digest).read_bytes()
+    mac = blobs.Gmac(blobs.blob_key(KEY, digest, bytes.fromhex(nonce)), bytes.fromhex(nonce))
+    mac.update(data)
+    assert mac.hexdigest() == tag and data == t.numpy().tobytes()
+    other = blobs.Gmac(
+        blobs.blob_key(b"x" * 32, digest, bytes.fromhex(nonce)), bytes.fromhex(nonce)
+    )
+    other.update(data)
+    assert other.hexdigest() != tag  # another kernel's key gives another tag

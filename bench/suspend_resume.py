@@ -137,9 +137,9 @@ def resume(directory: Path, state_mib: int) -> None:
         for r in rdirs:
             r.mkdir(parents=True, exist_ok=True)
         store = runtime_store(rdirs[0], "bench")
-        save_namespace(ns, rdirs[0] / "checkpoint", KEY, store=store)
         with connect(hosts[0]) as a, connect(hosts[1]) as b:
             if mib > 10:  # host B holds the state from an earlier visit: change 10 MiB
+                save_namespace(ns, rdirs[0] / "checkpoint", KEY, store=store)
                 copy_checkpoint(a, hosts[0], b, hosts[1], kid)
                 ns["t0"].add_(1)  # one of its 10 MiB tensors
             save_s, _ = timed(save_namespace, ns, rdirs[0] / "checkpoint", KEY, store=store)

@@ -267,8 +267,11 @@ def saved_checkpoint(rdir: Path) -> dict | None:
     default = rdir / "checkpoint"
     if default.is_symlink() or not (default / "manifest.json").is_file():
         return None
-    size = sum(p.stat().st_size for p in default.rglob("*") if p.is_file() and not p.is_symlink())
-    return {"path": str(default), "bytes": size}
+    try:  # what the manifest says it needs (its data is in the blob store): for a message only
+        size = json.loads((default / "manifest.json").read_bytes())["manifest"]["total_bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        size = 0
+    return {"path": str(default), "bytes": size if type(size) is int else 0}
 
 
 def launch_record(rdir: Path) -> dict | None:

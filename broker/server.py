@@ -23,7 +23,7 @@ import tornado.netutil
 
 from broker.config import Config, load_config
 from broker.errors import ConfigError
-from broker.http_front import HttpProtocol
+from broker.http_front import Connections, HttpProtocol
 from broker.service import MAX_LEASES_PER_USER, BrokerService, LeaseRefused
 from broker.store import Store
 
@@ -106,7 +106,7 @@ class BrokerServer:
         self.clock = clock
         self.service: BrokerService | None = None
         self._listeners: list[asyncio.Server] = []
-        self._connections: set[HttpProtocol] = set()
+        self._connections = Connections()  # the caps and budget its connections share
         self._ticker: tornado.ioloop.PeriodicCallback | None = None
         self._store: Store | None = None
         self._thread: threading.Thread | None = None

@@ -1,4 +1,5 @@
-"""Hostile clients against a real broker on a raw socket (``broker.http_front``): one that
+"""Hostile clients against a real broker on a raw socket (``broker.http_front``, limits in
+``broker.http_limits``): one that
 pipelines without reading its replies, connections up to the caps, slowloris headers, slow and
 stalled bodies. Meanwhile a well-behaved kernel's heartbeats must be answered (the bound here
 is generous for a shared 2-core machine; bench/http_front_load.py measures the real p99) and
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import http_front
+from broker import http_limits
 from broker.client import BrokerClient
 from tests.test_http_front import Wire, error_of, read_all, read_reply
 
@@ -111,9 +112,13 @@ def held_by_broker(wire: Wire) -> tuple[int, int]:
     return wire.server.call(count)  # type: ignore[return-value]
 
 
-def test_a_client_that_does_not_read_its_replies_stops_being_read(wire: Wire) -> None:
+def test_a_client_that_does_not_read_its_replies_stops_being_read(
+    wire: Wire, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The issue's client: pipelined requests whose replies it never reads. Each one here asks
-    for a lease with a 32 kB id, so each 404 names it back: 32 kB of reply per request."""
+    for a lease with a 32 kB id, so each 404 names it back: 32 kB of reply per request. Once
+    its replies have waited SEND_TIMEOUT, the broker drops the connection."""
+    monkeypatch.setattr(http_limits, "SEND_TIMEOUT", 2.0)
     beats = Heartbeats(wire)
     request = wire.request("GET", "/api/v1/leases/" + "x" * 32_000)
     before = rss()
@@ -121,22 +126,28 @@ def test_a_client_that_does_not_read_its_replies_stops_being_read(wire: Wire) ->
     attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a window that fills at once
     attacker.connect(wire.address)
     sent = send_until_stalled(attacker, request, limit=64 << 20, seconds=1.0)
-    buffered, _ = held_by_broker(wire)
+    buffered, connections = held_by_broker(wire)
     grown = rss() - before
+    assert connections == 2  # the attacker's and the heartbeats'
+    deadline = time.monotonic() + 10
+    while held_by_broker(wire)[1] > 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    dropped = held_by_broker(wire)[1] == 1
     slowest = beats.stop()
     attacker.close()
     # Reading stops once WRITE_HIGH_WATER is passed: at most that plus one reply stay unsent.
-    assert buffered <= http_front.WRITE_HIGH_WATER + len(request) + 1024, (buffered, sent)
+    assert buffered <= http_limits.WRITE_HIGH_WATER + len(request) + 1024, (buffered, sent)
     assert sent < 32 << 20, "the broker kept reading a client that reads nothing"
     assert grown < 24 << 20, f"RSS grew by {grown / 2**20:.1f} MiB"
+    assert dropped, "the connection of a client that reads nothing was kept"
     assert slowest < HEARTBEAT_BOUND
 
 
 def test_connections_past_the_caps_get_503_and_a_close(
     wire: Wire, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http_front, "MAX_CONNECTIONS", 8)
-    monkeypatch.setattr(http_front, "MAX_CONNECTIONS_PER_ADDRESS", 5)
+    monkeypatch.setattr(http_limits, "MAX_CONNECTIONS", 8)
+    monkeypatch.setattr(http_limits, "MAX_CONNECTIONS_PER_ADDRESS", 5)
     beats = Heartbeats(wire)  # one connection from 127.0.0.1
     idle = [wire.connect() for _ in range(4)]  # 127.0.0.1 is at its 5
     for sock in idle:
@@ -172,7 +183,7 @@ def test_connections_past_the_caps_get_503_and_a_close(
 def test_slowloris_headers_get_408_and_a_close(wire: Wire, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clients that send a header byte now and then never finish their request: each is
     answered 408 within HEADER_TIMEOUT of its first byte, however steadily it trickles."""
-    monkeypatch.setattr(http_front, "HEADER_TIMEOUT", 0.5)
+    monkeypatch.setattr(http_limits, "HEADER_TIMEOUT", 0.5)
     beats = Heartbeats(wire)
     slow = [wire.connect() for _ in range(20)]
     head = wire.request("GET", "/api/v1/whoami", extra="X-Slow: " + "a" * 100 + "\r\n")
@@ -199,9 +210,9 @@ def test_slowloris_headers_get_408_and_a_close(wire: Wire, monkeypatch: pytest.M
 def test_a_body_slower_than_the_minimum_rate_gets_408_and_a_faster_one_is_served(
     wire: Wire, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http_front, "BODY_TIMEOUT", 0.5)
-    monkeypatch.setattr(http_front, "BODY_MIN_RATE", 2000)  # bytes/s, after the first 0.5 s
-    monkeypatch.setattr(http_front, "LINGER", 0.3)  # the 408's connection closes sooner
+    monkeypatch.setattr(http_limits, "BODY_TIMEOUT", 0.5)
+    monkeypatch.setattr(http_limits, "BODY_MIN_RATE", 2000)  # bytes/s, after the first 0.5 s
+    monkeypatch.setattr(http_limits, "LINGER", 0.3)  # the 408's connection closes sooner
     body = json.dumps({"kind": "a100", "kernel_id": "k"}).encode().ljust(3000)
 
     def post(sock: socket.socket, step: int, pause: float) -> threading.Thread:
@@ -246,12 +257,12 @@ def test_stalled_bodies_hold_no_more_than_the_read_budget(
     """Many connections each send most of a 1 MiB body, then stall. The broker holds at most
     REQUEST_ALLOWANCE per connection plus READ_BUDGET of them; the rest waits in the kernel,
     and a heartbeat (small) is still read and answered meanwhile."""
-    monkeypatch.setattr(http_front, "READ_BUDGET", 1 << 20)
-    monkeypatch.setattr(http_front, "BODY_TIMEOUT", 30.0)
+    monkeypatch.setattr(http_limits, "READ_BUDGET", 1 << 20)
+    monkeypatch.setattr(http_limits, "BODY_TIMEOUT", 30.0)
     connections = 24
     beats = Heartbeats(wire)
     before = rss()
-    length = http_front.MAX_BODY_BYTES
+    length = http_limits.MAX_BODY_BYTES
     head = (f"POST /api/v1/leases HTTP/1.1\r\nHost: b\r\nContent-Length: {length}\r\n\r\n").encode()
     stalled = [wire.connect() for _ in range(connections)]
     for sock in stalled:
@@ -263,8 +274,41 @@ def test_stalled_bodies_hold_no_more_than_the_read_budget(
     for sock in stalled:
         sock.close()
     # Without the budget the broker would hold about 24 MiB of body here.
-    bound = http_front.READ_BUDGET + connections * (
-        http_front.REQUEST_ALLOWANCE + http_front.READ_SIZE
+    bound = http_limits.READ_BUDGET + connections * (
+        http_limits.REQUEST_ALLOWANCE + http_limits.READ_SIZE
     )
     assert grown < bound + (8 << 20), f"RSS grew by {grown / 2**20:.1f} MiB"
     assert slowest < HEARTBEAT_BOUND
+
+
+class Waiting:
+    """Stands in for a connection in ``Connections``' budget: what ``settle`` reads and calls."""
+
+    def __init__(self, fed: list[Waiting]) -> None:
+        self.drawn = 0
+        self._fed = fed
+
+    def fed(self) -> None:
+        self._fed.append(self)
+
+
+def test_the_read_budget_is_lent_beyond_each_allowance_and_given_back_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(http_limits, "REQUEST_ALLOWANCE", 1000)
+    monkeypatch.setattr(http_limits, "READ_BUDGET", 10_000)
+    monkeypatch.setattr(http_limits, "READ_SIZE", 4000)
+    connections = http_limits.Connections()
+    fed: list[Waiting] = []
+    big, late, later, small = (Waiting(fed) for _ in range(4))
+    assert connections.settle(small, 900)  # under the allowance: no budget at all
+    assert connections.settle(big, 10_500) and connections.spent == 9_500
+    assert not connections.settle(late, 3_000)  # 2,000 more: over the budget
+    assert not connections.settle(later, 2_000)
+    assert connections.settle(small, 1_000)  # a heartbeat still goes through
+    assert connections.settle(big, 4_000)  # big's requests answered: room for two reads
+    assert fed == [late, later] and connections.spent == 3_000 + 2_000 + 1_000
+    connections.forget(big)  # gone: all it drew comes back
+    connections.forget(late)
+    connections.forget(later)
+    assert connections.spent == 0

@@ -22,10 +22,12 @@ Scenarios, each on a fresh broker:
   slots;
 - attacks, each for ``--attack-seconds`` while 10 kernels heartbeat every 0.1 s (their p99 is the
   figure): ``pipeline`` (one unauthenticated client pipelines GET /whoami and reads nothing),
+  ``pipeline32k`` (the same from a user whose requests name a 32 kB lease id: 32 kB 404s),
   ``idle`` (``--idle`` connections from six loopback addresses, sending nothing), ``slowloris``
-  (2,000 connections sending a header byte a second, reconnecting when closed), ``slowbody``
-  (2,000 POSTs of 1 MiB bodies at 16 bytes a second), ``stalled`` (256 POSTs sending all but the
-  last byte of a 1 MiB body, then nothing). RSS before, at its peak, and 2 s after.
+  (2,000 connections sending a header byte a second, reconnecting when closed; 16 s),
+  ``slowbody`` (2,000 POSTs of 1 MiB bodies at 16 bytes a second; 20 s), ``stalled`` (256 POSTs
+  sending all but the last byte of a 1 MiB body, then nothing). RSS before, at its peak, and
+  2 s after.
 """
 
 from __future__ import annotations
@@ -290,6 +292,7 @@ async def kernels(broker: Broker, n: int, cadence: float, burst: int, seconds: f
     await asyncio.gather(*tasks)
     out["cadence"] = (len(beats) / (time.perf_counter() - t0), pct(beats, 0.5), pct(beats, 0.99))
     out["cadence cpu%"] = 100 * (broker.cpu() - cpu0) / (time.perf_counter() - t0)
+    out["cadence slow"] = sum(dt > 0.1 for dt in beats) / max(len(beats), 1)
     out["burst"] = (pct(burst_times, 0.5), pct(burst_times, 0.99), max(burst_times), counts)
     out["rss with all connections"] = broker.rss()
     for c in conns:
@@ -301,12 +304,14 @@ async def kernels(broker: Broker, n: int, cadence: float, burst: int, seconds: f
 # -- scenario: attacks -------------------------------------------------------------------------
 
 
-def attacker(kind: str, port: int, seconds: float, count: int, result: multiprocessing.Queue):
+def attacker(
+    kind: str, port: int, seconds: float, count: int, token: str, result: multiprocessing.Queue
+) -> None:
     """Run in its own process: attack for ``seconds``; put what it saw on ``result``."""
-    result.put(asyncio.run(_attack(kind, port, seconds, count)))
+    result.put(asyncio.run(_attack(kind, port, seconds, count, token)))
 
 
-async def _attack(kind: str, port: int, seconds: float, count: int) -> dict:
+async def _attack(kind: str, port: int, seconds: float, count: int, token: str) -> dict:
     loop = asyncio.get_running_loop()
     end = time.monotonic() + seconds
     seen = {"sent": 0, "refused": 0, "closed": 0, "opened": 0}
@@ -328,9 +333,14 @@ async def _attack(kind: str, port: int, seconds: float, count: int) -> dict:
         except (OSError, asyncio.TimeoutError):
             return False
 
-    if kind == "pipeline":
+    if kind.startswith("pipeline"):
         sock = await connect()
-        data = b"GET /api/v1/whoami HTTP/1.1\r\nHost: broker\r\n\r\n" * 1000
+        if kind == "pipeline":  # unauthenticated: each reply is a small 401
+            data = b"GET /api/v1/whoami HTTP/1.1\r\nHost: broker\r\n\r\n" * 1000
+        else:  # a user asks for a lease with a 32 kB id: each 404 names it back
+            path = "/api/v1/leases/" + "x" * 32_000
+            data = f"GET {path} HTTP/1.1\r\nHost: b\r\nAuthorization: Bearer {token}\r\n\r\n"
+            data = data.encode()
         while time.monotonic() < end and await send(sock, data):
             pass
         sock.close()
@@ -396,7 +406,7 @@ async def under_attack(broker: Broker, kind: str, seconds: float, count: int) ->
     before = peak = broker.rss()
     queue: multiprocessing.Queue = multiprocessing.get_context("spawn").Queue()
     proc = multiprocessing.get_context("spawn").Process(
-        target=attacker, args=(kind, broker.port, seconds, count, queue)
+        target=attacker, args=(kind, broker.port, seconds, count, broker.tokens[-1], queue)
     )
     proc.start()
     beats: list[float] = []
@@ -442,7 +452,9 @@ async def under_attack(broker: Broker, kind: str, seconds: float, count: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fronts", default="new,tornado", help="new, tornado, old=PATH")
-    parser.add_argument("--only", default="kernels,pipeline,idle,slowloris,slowbody,stalled")
+    parser.add_argument(
+        "--only", default="kernels,pipeline,pipeline32k,idle,slowloris,slowbody,stalled"
+    )
     parser.add_argument("--kernels", type=int, default=10_000)
     parser.add_argument("--cadence", type=float, default=15.0, help="seconds between heartbeats")
     parser.add_argument("--burst", type=int, default=500)
@@ -481,7 +493,8 @@ def kernels_row(front: str, args: argparse.Namespace) -> None:
     print(
         f"  {args.kernels} kernels every {args.cadence:g} s: {rate:.0f} req/s, "
         f"p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, broker CPU "
-        f"{out['cadence cpu%']:.0f}%, RSS {out['rss with all connections'] / MIB:.0f} MiB"
+        f"{out['cadence cpu%']:.0f}%, RSS {out['rss with all connections'] / MIB:.0f} MiB, "
+        f"{100 * out['cadence slow']:.1f}% over 100 ms"
     )
     p50, p99, worst, statuses = out["burst"]
     print(
@@ -492,18 +505,27 @@ def kernels_row(front: str, args: argparse.Namespace) -> None:
 
 
 def attack_row(front: str, kind: str, args: argparse.Namespace) -> None:
-    counts = {"pipeline": 1, "idle": args.idle, "slowloris": 2000, "slowbody": 2000, "stalled": 256}
+    counts = {"idle": args.idle, "slowloris": 2000, "slowbody": 2000, "stalled": 256}
+    # Long enough for the new front's time limits to end some slow connections (5 s to send
+    # the headers, 10 s for a body, then 2 s of draining before the close).
+    seconds = {"slowloris": 16.0, "slowbody": 20.0}.get(kind, 0.0)
     broker = Broker(front, 64, 16, args.sync)
     try:
-        out = asyncio.run(under_attack(broker, kind, args.attack_seconds, counts[kind]))
+        out = asyncio.run(
+            under_attack(broker, kind, max(args.attack_seconds, seconds), counts.get(kind, 1))
+        )
     finally:
         broker.close()
     before, peak, after = (v / MIB for v in out["rss"])
     p50, p99, worst = (v * 1e3 for v in out["heartbeat"])
+    seen = out["seen"]
+    if kind == "idle":
+        admitted = seen["opened"] - seen["refused"]
+        seen["KiB per admitted connection"] = round((peak - before) * 1024 / max(admitted, 1), 1)
     print(
         f"== {kind:<10} {front:<22} RSS {before:4.0f} -> peak {peak:5.0f} -> {after:5.0f} MiB  "
         f"heartbeat p50 {p50:6.2f} p99 {p99:7.2f} max {worst:7.1f} ms  "
-        f"failed {out['failures']}  attacker {out['seen']}",
+        f"failed {out['failures']}  attacker {seen}",
         flush=True,
     )
 

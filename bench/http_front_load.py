@@ -275,7 +275,11 @@ async def kernels(broker: Broker, n: int, cadence: float, burst: int, seconds: f
 
         async def ask(k: int) -> tuple[int, float]:
             body = {"kind": "sim", "kernel_id": f"s{k}"}
-            status, _, _ = await fresh[k].call("POST", "/api/v1/leases", tokens[n // 4 + k], body)
+            token = tokens[n // 4 + k]
+            try:
+                status, _, _ = await fresh[k].call("POST", "/api/v1/leases", token, body)
+            except (OSError, asyncio.IncompleteReadError):
+                status = 0  # the connection failed: counted under status 0
             return status, time.perf_counter() - t0
 
         answers = await asyncio.gather(*(ask(k) for k in range(burst)))

@@ -30,11 +30,11 @@ from tornado import httputil
 from broker import http_limits as limits
 from broker.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError
 from broker.http_exchange import Context, Exchange, Request
-from broker.http_limits import Connections
+from broker.http_limits import LISTEN_BACKLOG, Connections
 
 log = logging.getLogger("broker.api")
 
-__all__ = ["Connections", "HttpProtocol"]
+__all__ = ["LISTEN_BACKLOG", "Connections", "HttpProtocol"]
 
 Router = Any  # anything with tornado's ``find_handler(request) -> HTTPMessageDelegate``
 

@@ -38,12 +38,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("broker.api")
 
-__all__ = ["Connections"]
+__all__ = ["LISTEN_BACKLOG", "Connections"]
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers together
 MAX_BODY_BYTES = 1024 * 1024  # every API body is a small JSON object
 MAX_CONNECTIONS = 16_384  # 10,000 kernels keep one connection each for their heartbeats
 MAX_CONNECTIONS_PER_ADDRESS = 4_096  # a Jupyter host's kernels all call from its address
+LISTEN_BACKLOG = 4_096  # connections the kernel holds until accepted: a class clicks at once
 HEADER_TIMEOUT = 5.0  # from a request's first byte to the end of its headers
 BODY_TIMEOUT = 10.0  # from the end of the headers to the end of the body, plus ...
 BODY_MIN_RATE = 8 * 1024  # ... one second per this many bytes of body received

@@ -23,7 +23,7 @@ import tornado.netutil
 
 from broker.config import Config, load_config
 from broker.errors import ConfigError
-from broker.http_front import Connections, HttpProtocol
+from broker.http_front import LISTEN_BACKLOG, Connections, HttpProtocol
 from broker.service import MAX_LEASES_PER_USER, BrokerService, LeaseRefused
 from broker.store import Store
 
@@ -135,7 +135,7 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         for sock in sockets:
             server = await loop.create_server(
-                lambda: HttpProtocol(front, self._connections), sock=sock
+                lambda: HttpProtocol(front, self._connections), sock=sock, backlog=LISTEN_BACKLOG
             )
             self._listeners.append(server)
         self._ticker = tornado.ioloop.PeriodicCallback(

@@ -312,3 +312,31 @@ def test_the_read_budget_is_lent_beyond_each_allowance_and_given_back_oldest_fir
     connections.forget(late)
     connections.forget(later)
     assert connections.spent == 0
+
+
+def test_a_class_connecting_at_once_is_accepted_without_tcp_retries(wire: Wire) -> None:
+    """300 students connect while the broker's loop is busy for a moment: the listen backlog
+    holds them all, so all are accepted as soon as the loop is free (with asyncio's default
+    backlog, 100, the rest had to retry their SYN a second later)."""
+    busy = threading.Thread(target=wire.server.call, args=(lambda: time.sleep(0.2),))
+    busy.start()
+    time.sleep(0.02)
+    t0 = time.monotonic()
+    students = []
+    for _ in range(300):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(wire.address)
+        students.append(sock)
+    busy.join()
+    accepted = 0
+    while accepted < 300 and time.monotonic() - t0 < 0.9:  # a SYN is sent again after 1 s
+        accepted = held_by_broker(wire)[1]
+    assert accepted == 300, f"{accepted} of 300 accepted before the first SYN retry"
+    for sock in students:
+        sock.setblocking(True)
+        sock.settimeout(10)
+        sock.sendall(wire.request("GET", "/api/v1/whoami"))
+    for sock in students:
+        assert read_reply(sock)[0] == 200
+        sock.close()

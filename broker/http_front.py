@@ -78,6 +78,7 @@ class HttpProtocol(asyncio.BufferedProtocol):
         self.write_paused = False
         self.starved = False  # waiting for the read budget
         self.discarding = False  # a refused request: read and drop until the close
+        self.drained = 0  # bytes read and dropped so
         self.refusal: tuple[int, str] | None = None  # to send once ``current`` is answered
 
     # -- asyncio --------------------------------------------------------------------------------
@@ -108,7 +109,12 @@ class HttpProtocol(asyncio.BufferedProtocol):
         return self.connections.buffer
 
     def buffer_updated(self, nbytes: int) -> None:
-        if self.transport is None or self.transport.is_closing() or self.discarding:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.discarding:
+            self.drained += nbytes
+            if self.drained > limits.MAX_DRAIN:  # a refused client still sending hard
+                self.transport.abort()
             return
         try:
             self.parser.feed_data(self.connections.buffer[:nbytes])

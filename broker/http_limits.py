@@ -60,6 +60,7 @@ READ_BUDGET = 16 * 1024 * 1024  # request bytes over the allowances, all connect
 REQUEST_OVERHEAD = 512  # bytes of Python objects per parsed request, on top of its bytes
 HEADER_OVERHEAD = 160  # ... and per header
 LINGER = 2.0  # seconds a refused connection drains what the client still sends, then closes
+MAX_DRAIN = 256 * 1024  # ... or bytes, whichever comes first
 MAX_LINGERING = 256  # connections refused at the door draining at once; past it: closed at once
 FD_RESERVE = 1024  # open files kept for the store, SSH to the hosts, logs
 LOG_EVERY = 10.0  # seconds between two log lines about refusals (each line counts the others)

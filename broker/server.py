@@ -135,8 +135,9 @@ class BrokerServer:
         loop = asyncio.get_running_loop()
         for sock in sockets:
             server = await loop.create_server(
-                lambda: HttpProtocol(front, self._connections), sock=sock, backlog=LISTEN_BACKLOG
+                lambda: HttpProtocol(front, self._connections), sock=sock
             )
+            sock.listen(LISTEN_BACKLOG)  # the kernel queues a class; asyncio accepts 100 a tick
             self._listeners.append(server)
         self._ticker = tornado.ioloop.PeriodicCallback(
             self._tick, self.tick_interval * 1000, jitter=0

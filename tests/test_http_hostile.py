@@ -340,3 +340,18 @@ def test_a_class_connecting_at_once_is_accepted_without_tcp_retries(wire: Wire) 
     for sock in students:
         assert read_reply(sock)[0] == 200
         sock.close()
+
+
+def test_a_refused_client_that_keeps_sending_is_cut_off(wire: Wire) -> None:
+    """After a refusal the broker drains what the client still sends so that the reply is not
+    lost to a reset, but only MAX_DRAIN bytes of it, not LINGER seconds at wire speed."""
+    with wire.connect() as sock:
+        sock.sendall(b"NOT A REQUEST\r\n\r\n")
+        sock.settimeout(2)
+        sent, chunk, t0 = 0, b"x" * 65536, time.monotonic()
+        try:
+            while sent < 256 << 20 and time.monotonic() - t0 < http_limits.LINGER:
+                sent += sock.send(chunk)
+        except OSError:
+            pass  # reset: cut off
+    assert sent < 32 << 20, f"the broker read {sent / 2**20:.0f} MiB after refusing the request"

@@ -14,6 +14,9 @@ Each front runs as its own broker process (so its RSS and CPU are its own, read 
 
 Scenarios, each on a fresh broker:
 
+- ``wire``: the front alone (every request answered with the same small JSON, no broker behind
+  it), 16,000 heartbeat-shaped requests over 16 connections, each front five times in turn:
+  the median of the server's CPU per request;
 - ``kernels``: ``--kernels`` leases granted over 16 connections (grant throughput), heartbeated
   over 16 connections for ``--seconds`` (heartbeat throughput), then one connection per kernel
   heartbeating every ``--cadence`` seconds for two rounds, with ``--burst`` students asking for
@@ -108,10 +111,60 @@ def serve(front: str, workdir: str, slots: int, users: int, sync: str) -> None:
     server.stop_thread()
 
 
-class Broker:
-    """A broker process serving ``front`` (see the module's docstring)."""
+def serve_wire(front: str) -> None:
+    """Run in the server's process: the front alone, every request answered with the same
+    small JSON (no broker behind it), to measure what the front itself costs per request."""
+    from tornado import httputil
 
-    def __init__(self, front: str, slots: int, users: int, sync: str = "FULL") -> None:
+    class Answer(httputil.HTTPMessageDelegate):
+        def __init__(self, connection: httputil.HTTPConnection) -> None:
+            self.connection = connection
+
+        def finish(self) -> None:
+            body = b'{"lease": {}, "orders": []}'
+            headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+            start = httputil.ResponseStartLine("HTTP/1.1", 200, "OK")
+            self.connection.write_headers(start, httputil.HTTPHeaders(headers), body)
+            self.connection.finish()
+
+    class Router(httputil.HTTPServerConnectionDelegate):
+        def find_handler(self, request: httputil.HTTPServerRequest) -> Answer:  # http_front
+            assert request.connection is not None
+            return Answer(request.connection)
+
+        def start_request(self, server_conn: object, request_conn: httputil.HTTPConnection):
+            return Answer(request_conn)  # tornado's HTTPServer
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        if front == "tornado":
+            from tornado.httpserver import HTTPServer
+            from tornado.netutil import bind_sockets
+
+            sockets = bind_sockets(0, "127.0.0.1")
+            HTTPServer(Router(), idle_connection_timeout=60, body_timeout=10).add_sockets(sockets)
+            port = sockets[0].getsockname()[1]
+        else:
+            from broker import http_front
+
+            # The front before this change took a plain set for its connections.
+            shared = http_front.Connections() if hasattr(http_front, "Connections") else set()
+            factory = lambda: http_front.HttpProtocol(Router(), shared)  # noqa: E731
+            server = await loop.create_server(factory, "127.0.0.1", 0)
+            port = server.sockets[0].getsockname()[1]
+        print(json.dumps({"port": port, "tokens": []}), flush=True)
+        await loop.run_in_executor(None, sys.stdin.read)
+
+    asyncio.run(main())
+
+
+class Broker:
+    """A broker process serving ``front`` (see the module's docstring); with ``wire``, the
+    front alone (``serve_wire``)."""
+
+    def __init__(
+        self, front: str, slots: int, users: int, sync: str = "FULL", wire: bool = False
+    ) -> None:
         name, _, path = front.partition("=")
         env = dict(os.environ)
         if path:
@@ -119,6 +172,8 @@ class Broker:
         self.workdir = tempfile.mkdtemp(prefix="http-front-")
         command = [sys.executable, __file__, "--serve", name, self.workdir, str(slots), str(users)]
         command.append(sync)
+        if wire:
+            command = [sys.executable, __file__, "--serve-wire", name]
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.PIPE,
@@ -290,12 +345,13 @@ async def kernels(broker: Broker, n: int, cadence: float, burst: int, seconds: f
             counts[status] = counts.get(status, 0) + 1
         return [t for _, t in answers], counts
 
-    cpu0, t0 = broker.cpu(), time.perf_counter()
+    cpu0, t0, mine = broker.cpu(), time.perf_counter(), time.process_time()
     tasks = [asyncio.create_task(kernel(i)) for i in range(n)]
     burst_times, counts = await students()
     await asyncio.gather(*tasks)
     out["cadence"] = (len(beats) / (time.perf_counter() - t0), pct(beats, 0.5), pct(beats, 0.99))
     out["cadence cpu%"] = 100 * (broker.cpu() - cpu0) / (time.perf_counter() - t0)
+    out["client cpu%"] = 100 * (time.process_time() - mine) / (time.perf_counter() - t0)
     out["cadence slow"] = sum(dt > 0.1 for dt in beats) / max(len(beats), 1)
     out["burst"] = (pct(burst_times, 0.5), pct(burst_times, 0.99), max(burst_times), counts)
     out["rss with all connections"] = broker.rss()
@@ -303,6 +359,47 @@ async def kernels(broker: Broker, n: int, cadence: float, burst: int, seconds: f
         c.close()
     await timed("release", release)
     return out
+
+
+# -- scenario: the front alone ----------------------------------------------------------------
+
+
+async def wire(server: Broker, connections: int, requests: int) -> float:
+    """Heartbeat-shaped requests over ``connections`` kept-alive connections; the server's CPU
+    per request in seconds."""
+    conns = [await Conn.open(server.port) for _ in range(connections)]
+    body = {"busy": False, "last_activity": 1700000000.0}
+
+    async def one(c: Conn, count: int) -> None:
+        for _ in range(count):
+            status, reply, _ = await c.call("POST", "/api/v1/leases/x/heartbeat", "sgpu_x", body)
+            assert status == 200, reply
+
+    await asyncio.gather(*(one(c, 50) for c in conns))  # warm up
+    cpu0 = server.cpu()
+    await asyncio.gather(*(one(c, requests // connections) for c in conns))
+    for c in conns:
+        c.close()
+    return (server.cpu() - cpu0) / requests
+
+
+def wire_rows(fronts: list[str], rounds: int) -> None:
+    """The front's own CPU per request, each front ``rounds`` times in turn; the median."""
+    costs: dict[str, list[float]] = {front: [] for front in fronts}
+    for _ in range(rounds):
+        for front in fronts:
+            server = Broker(front, 0, 0, wire=True)
+            try:
+                costs[front].append(asyncio.run(wire(server, 16, 16_000)))
+            finally:
+                server.close()
+    for front, runs in costs.items():
+        each = ", ".join(f"{c * 1e6:.0f}" for c in sorted(runs))
+        print(
+            f"== wire       {front:<22} front alone: {pct(runs, 0.5) * 1e6:4.0f} us of CPU per "
+            f"request (median of {rounds}: {each})",
+            flush=True,
+        )
 
 
 # -- scenario: attacks -------------------------------------------------------------------------
@@ -457,7 +554,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fronts", default="new,tornado", help="new, tornado, old=PATH")
     parser.add_argument(
-        "--only", default="kernels,pipeline,pipeline32k,idle,slowloris,slowbody,stalled"
+        "--only", default="wire,kernels,pipeline,pipeline32k,idle,slowloris,slowbody,stalled"
     )
     parser.add_argument("--kernels", type=int, default=10_000)
     parser.add_argument("--cadence", type=float, default=15.0, help="seconds between heartbeats")
@@ -472,6 +569,9 @@ def main() -> None:
     fronts = args.fronts.split(",")
     scenarios = args.only.split(",")
     for scenario in scenarios:
+        if scenario == "wire":
+            wire_rows(fronts, 5)
+            continue
         for front in fronts:
             if scenario == "kernels":
                 kernels_row(front, args)
@@ -498,7 +598,7 @@ def kernels_row(front: str, args: argparse.Namespace) -> None:
         f"  {args.kernels} kernels every {args.cadence:g} s: {rate:.0f} req/s, "
         f"p50 {p50 * 1e3:.2f} ms, p99 {p99 * 1e3:.2f} ms, broker CPU "
         f"{out['cadence cpu%']:.0f}%, RSS {out['rss with all connections'] / MIB:.0f} MiB, "
-        f"{100 * out['cadence slow']:.1f}% over 100 ms"
+        f"{100 * out['cadence slow']:.1f}% over 100 ms (bench client CPU {out['client cpu%']:.0f}%)"
     )
     p50, p99, worst, statuses = out["burst"]
     print(
@@ -537,5 +637,7 @@ def attack_row(front: str, kind: str, args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--serve-wire":
+        serve_wire(sys.argv[2])
     else:
         main()

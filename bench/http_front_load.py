@@ -49,23 +49,6 @@ import time
 from pathlib import Path
 
 MIB = 1 << 20
-CONFIG = """
-[server]
-host = "127.0.0.1"
-port = 0
-database = "{db}"
-[policy]
-heartbeat_interval = "15s"
-heartbeat_timeout = "1h"
-queue_timeout = "1h"
-[[hosts]]
-name = "gpu1"
-address = "local"
-[[hosts.slots]]
-kind = "sim"
-simulated = true
-count = {slots}
-"""
 
 
 # -- the broker process ------------------------------------------------------------------------
@@ -73,16 +56,17 @@ count = {slots}
 
 def serve(front: str, workdir: str, slots: int, users: int, sync: str) -> None:
     """Run in the broker's process: tokens, then a broker; print its port and the tokens."""
+    from broker_load import config_text  # this directory: heartbeats due every 10 min
+
     from broker.auth import create_token
     from broker.config import parse_config
     from broker.server import BrokerServer
     from broker.store import Store
 
-    db = Path(workdir) / "broker.sqlite"
-    store = Store(db, synchronous="OFF")
+    config = parse_config(config_text(slots), Path(workdir) / "broker.toml")
+    store = Store(config.server.database, synchronous="OFF")
     tokens = [create_token(store, f"u{i}")[0] for i in range(users)]
     store.close()
-    config = parse_config(CONFIG.format(db=db, slots=slots), Path(workdir) / "broker.toml")
     server = BrokerServer(config, port=0, synchronous=sync)
     server.start_in_thread()
     port = server.port

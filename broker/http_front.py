@@ -3,9 +3,9 @@
 (``ApiRouter`` or a ``tornado.web.Application``) through ``broker.http_exchange.Exchange``.
 ``BrokerServer`` gives every connection of a server one ``broker.http_limits.Connections``.
 
-Why not ``tornado.httpserver.HTTPServer``: per request it costs the broker's loop about half as
-much CPU again, per idle connection twice the memory, and it has no connection cap, no header
-timeout of its own, and reads request bodies of any number of connections whole
+Why not ``tornado.httpserver.HTTPServer``: per request its wire handling costs about 2.5 times
+the CPU of this one (half as much again per lease call), per idle connection twice the memory,
+and it has no connection cap, no header timeout of its own, and reads unfinished bodies whole
 (docs/internals.md has the measurements). The handlers, routing and errors stay tornado's.
 
 What a client can rely on: keep-alive (HTTP/1.1 by default, HTTP/1.0 when asked); pipelined

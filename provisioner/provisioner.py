@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
+import time
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -20,7 +22,9 @@ from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from broker.client import BrokerClient, read_token
 from gpu_kernel.errors import SharedGPUError
 from provisioner.kernel_session import KernelSession
+from provisioner.proxy_state import ProxyState
 from provisioner.settings import ProvisionerSettings
+from provisioner.ui_state import CheckpointFacts, SessionFacts, ui_state
 
 # Variables of the Jupyter server's environment that the remote kernel gets; the rest (which may
 # hold the server's secrets) stays here. The kernelspec's own ``env`` stanza is always passed.
@@ -32,6 +36,12 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     session: KernelSession | None = None
     _restarting: bool = False
+    # What ui_state() shows once the session is gone or when something went wrong.
+    _message: str | None = None
+    _failed: bool = False
+    _ended: bool = False
+    _suspend_thread: threading.Thread | None = None
+    _last_terms: tuple[dict | None, dict | None] = (None, None)  # policy, quota of the last lease
 
     def __init__(self, **kwargs: Any) -> None:
         # The factory passes the kernelspec's provisioner config as keyword arguments; traitlets
@@ -61,6 +71,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return await asyncio.to_thread(func, *args)
         except SharedGPUError as err:
             self.log.error("Shared GPU kernel %s: %s", self.kernel_id, err)
+            self._message = str(err).splitlines()[0]
             raise
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -80,6 +91,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._abandon()
             raise
         self._restarting = False
+        self._failed, self._ended, self._message = False, False, None
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
 
@@ -115,6 +127,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _abandon(self) -> None:
         """A start failed: give back the lease and every local resource."""
+        self._failed = True
         session, self.session = self.session, None
         if session is not None:
             await asyncio.to_thread(session.close)
@@ -160,12 +173,85 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await asyncio.to_thread(self.session.forget_kernel)
         else:
             await self._abandon()
+            self._failed, self._ended = False, True
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 5.0)
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, 30.0)
+
+    # ---- what JupyterLab shows (provisioner.server_extension) --------------------------------
+
+    def ui_state(self) -> dict[str, Any]:
+        """This kernel's state for the status bar and panel (see ``provisioner.ui_state``).
+        Cheap and never blocks on the network: it only reads the session's attributes."""
+        return ui_state(self._facts(), time.time())
+
+    def _facts(self) -> SessionFacts:
+        session = self.session
+        policy, quota = self._last_terms
+        if session is None:
+            return SessionFacts(
+                kernel_id=self.kernel_id or "",
+                failed=self._failed,
+                ended=self._ended,
+                message=self._message,
+                policy=policy,
+                quota=quota,
+            )
+        lease, kernel, suspended = session.lease, session.kernel, session.suspended
+        if lease is not None and (lease.policy or lease.quota):
+            self._last_terms = policy, quota = lease.policy or policy, lease.quota or quota
+        activity = session.proxy.activity()
+        conn = session.conn
+        checkpoint = None
+        if suspended is not None:
+            checkpoint = CheckpointFacts(suspended.host.name, suspended.bytes, suspended.since)
+        suspending = self._suspend_thread is not None and self._suspend_thread.is_alive()
+        return SessionFacts(
+            kernel_id=self.kernel_id or "",
+            lease=lease,
+            kernel_running=kernel is not None and kernel.exit_code is None,
+            checkpoint=checkpoint,
+            busy=activity.busy,
+            last_activity=activity.last_activity,
+            suspending=suspending,
+            resuming=session.proxy.state is ProxyState.RESUMING,
+            reconnecting=kernel is not None and conn is not None and not conn.is_alive(),
+            failed=self._failed,
+            message=self._message,
+            policy=policy,
+            quota=quota,
+        )
+
+    def request_suspend(self) -> None:
+        """The panel's "Suspend now": returns at once, the suspend runs in a thread. When it
+        cannot happen (a cell runs, nothing runs) ``ui_state()["message"]`` says why."""
+        session = self.session
+        if session is None or session.kernel is None or session.suspended is not None:
+            self._message = "nothing to suspend: the kernel holds no GPU slot now"
+            return
+        if session.proxy.activity().busy:
+            self._message = "not suspended: a cell is running; suspend once it has finished"
+            return
+        if self._suspend_thread is not None and self._suspend_thread.is_alive():
+            return
+        self._message = None
+
+        def run() -> None:
+            try:
+                done = session.suspend("asked from JupyterLab")
+            except SharedGPUError as err:
+                self._message = f"not suspended: {str(err).splitlines()[0]}"
+                return
+            if not done and session.suspended is None:
+                self._message = "not suspended: the kernel is busy; try again when the cell ends"
+
+        self._suspend_thread = threading.Thread(
+            target=run, name=f"suspend-{(self.kernel_id or '')[:8]}", daemon=True
+        )
+        self._suspend_thread.start()
 
     # ---- re-attach ---------------------------------------------------------------------------
 

@@ -86,9 +86,11 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._in_thread(session.acquire_lease)
         except asyncio.CancelledError:
             session.cancel()
+            self._forget_failed_start()
             raise
         except BaseException:
             await self._abandon()
+            self._forget_failed_start()
             raise
         self._restarting = False
         self._failed, self._ended, self._message = False, False, None
@@ -110,6 +112,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             ports = await self._in_thread(self.session.launch, key, scheme, env)
         except BaseException:
             await self._abandon()
+            self._forget_failed_start()
             raise
         self.connection_info = {
             "transport": "tcp",
@@ -131,6 +134,27 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         session, self.session = self.session, None
         if session is not None:
             await asyncio.to_thread(session.close)
+
+    def _forget_failed_start(self) -> None:
+        """Take a failed start off the multi-kernel manager's pending list once its task ends.
+
+        jupyter_client leaves it there (``_add_kernel_when_ready`` only logs the error), and
+        jupyter_server's ``shutdown_all`` then shuts down that unknown id, which raises
+        "Kernel does not exist": the server's shutdown stops there, the other kernels keep
+        their leases and the process hangs. Failed starts are routine here (queue timeout,
+        unknown kind, broker down), so the provisioner cleans up after its own."""
+        manager = getattr(self.parent, "parent", None)  # the MultiKernelManager, if any
+        pending = getattr(manager, "_pending_kernels", None)
+        kernel_id = self.kernel_id
+        task = pending.get(kernel_id) if isinstance(pending, dict) else None
+        if not isinstance(task, asyncio.Future):
+            return
+
+        def drop(done: asyncio.Future) -> None:
+            if pending.get(kernel_id) is done:
+                del pending[kernel_id]
+
+        task.add_done_callback(drop)
 
     # ---- process-like hooks ------------------------------------------------------------------
 

@@ -199,6 +199,13 @@ def test_gpu_suspend_then_a_cell_resumes(ui: LabPage, lab_pool: Pool) -> None:
     expect_text(ui.output(2), r"42", timeout=60_000)
     expect_text(ui.status_item(), r"running on hostA")
     ui.shot("07-resumed")
+    panel = ui.open_status_panel()  # the panel's button does what %gpu suspend did
+    panel.get_by_role("button", name="Suspend now").click()
+    expect_text(ui.status_item(), r"suspended", timeout=30_000)
+    expect_text(panel, r"saved state.* on hostA")
+    ui.shot("08-suspended-from-the-panel")
+    ui.page.keyboard.press("Escape")
+    assert not any(lab_pool.slot_users().values())
 
 
 def test_second_user_waits_in_the_queue(ui: LabPage, lab_pool: Pool, monkeypatch) -> None:
@@ -209,11 +216,11 @@ def test_second_user_waits_in_the_queue(ui: LabPage, lab_pool: Pool, monkeypatch
     ui.run_cell('print("started")')
     expect_text(ui.output(0), r"(queued|position) 1 of 1")
     expect_text(ui.status_item(), r"queued 1 of 1")
-    ui.shot("08-queued")
+    ui.shot("09-queued")
     bob.shutdown_kernel(now=True)
     expect_text(ui.output(0), r"started", timeout=60_000)
     expect_text(ui.status_item(), r"running on hostA")
-    ui.shot("09-started-after-the-first-user-left")
+    ui.shot("10-started-after-the-first-user-left")
 
 
 def test_reload_with_three_notebooks_takes_no_slot(
@@ -247,5 +254,5 @@ def test_reload_with_three_notebooks_takes_no_slot(
     ui.page.wait_for_selector("#jp-main-dock-panel", state="visible", timeout=60_000)
     wait_until(lambda: len(lab.api("GET", "/api/sessions")[1] or []) == 3, "three sessions")
     ui.wait_kernel_status("idle", timeout=30_000)
-    ui.shot("10-reloaded-three-tabs")
+    ui.shot("11-reloaded-three-tabs")
     assert leases(lab_pool) == [], "reloading JupyterLab took GPU slots"

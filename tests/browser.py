@@ -103,7 +103,8 @@ class LabPage:
         self.page.set_default_timeout(20_000)
 
     def open(self, path: str = "lab?reset") -> None:
-        self.page.goto(f"{self.server.url}/{path}&token={self.server.token}".replace("?&", "?"))
+        joiner = "&" if "?" in path else "?"
+        self.page.goto(f"{self.server.url}/{path}{joiner}token={self.server.token}")
         self.page.wait_for_selector("#jp-main-dock-panel", state="visible", timeout=60_000)
 
     def shot(self, name: str) -> None:

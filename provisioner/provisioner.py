@@ -159,9 +159,16 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     # ---- process-like hooks ------------------------------------------------------------------
 
     async def poll(self) -> int | None:
-        if self.session is None:
+        session = self.session
+        if session is None:
             return 0
-        return await asyncio.to_thread(self.session.poll)
+        code = await asyncio.to_thread(session.poll)
+        if code is not None and session.suspended is not None:
+            # The kernel ended because it suspended while this poll waited for the session:
+            # its state is saved. An exit code here would make the restarter start a fresh
+            # kernel (state lost, a new slot taken) instead of resuming on the next cell.
+            return None
+        return code
 
     async def wait(self) -> int | None:
         while (code := await self.poll()) is None:

@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from jupyter_client.blocking import BlockingKernelClient
 
 from tests.jupyter_server import JupyterServer
 from tests.pool import Pool
@@ -45,6 +46,13 @@ def wait_for_state(server: JupyterServer, kernel_id: str, wanted: str) -> dict:
     pytest.fail(f"kernel {kernel_id} never became {wanted}: {state}")
 
 
+def wait_until_busy(server: JupyterServer, kernel_id: str) -> None:
+    deadline = time.monotonic() + 10
+    while not server.api("GET", f"/shared-gpu/kernels/{kernel_id}")[1]["busy"]:
+        assert time.monotonic() < deadline, "the kernel never showed busy"
+        time.sleep(0.05)
+
+
 def test_endpoints_show_shared_gpu_kernels_and_suspend_them(pool: Pool, tmp_path: Path) -> None:
     server = jupyter_server(pool, tmp_path)
     try:
@@ -68,6 +76,22 @@ def test_endpoints_show_shared_gpu_kernels_and_suspend_them(pool: Pool, tmp_path
         assert status == 201, local
         assert server.api("GET", f"/shared-gpu/kernels/{local['id']}")[0] == 404
         assert len(server.api("GET", "/shared-gpu/kernels")[1]["kernels"]) == 1
+
+        client = BlockingKernelClient(
+            connection_file=str(server.base / "jupyter-runtime" / f"kernel-{kernel['id']}.json")
+        )
+        client.load_connection_file()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=30)
+            client.execute("import time; time.sleep(3)")
+            wait_until_busy(server, kernel["id"])
+            status, state = server.api("POST", f"/shared-gpu/kernels/{kernel['id']}/suspend")
+            assert status == 202 and state["state"] == "running", state
+            assert "a cell is running" in state["message"]
+            client.get_shell_msg(timeout=30)
+        finally:
+            client.stop_channels()
 
         status, state = server.api("POST", f"/shared-gpu/kernels/{kernel['id']}/suspend")
         assert status == 202, state

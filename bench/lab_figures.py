@@ -24,17 +24,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.browser import LabPage, browser_missing, lab_server, open_browser
+from tests.browser import (
+    LabPage,
+    browser_missing,
+    lab_server,
+    open_browser,
+    workspace_with_notebooks,
+)
 from tests.jupyter_server import JupyterServer
 from tests.pool import Pool
 from tests.sshd import ClientKeys, start_hosts
 
 LOCAL = "Python 3 (ipykernel)"
 SHARED = "Shared GPU"
-META = {
-    "kernelspec": {"name": "shared-gpu", "display_name": SHARED, "language": "python"},
-    "language_info": {"name": "python"},
-}
 
 
 def shut_down_all(lab: JupyterServer, pool: Pool) -> None:
@@ -70,30 +72,8 @@ def one_run(context, lab: JupyterServer, pool: Pool, label: str) -> tuple[float,
 def slots_after_opening(context, lab: JupyterServer, pool: Pool, n: int) -> tuple[int, int]:
     """(granted, queued) leases a few seconds after N Shared GPU notebooks were opened."""
     names = [f"bench-{i}.ipynb" for i in range(n)]
-    for name in names:
-        content = {"cells": [], "metadata": META, "nbformat": 4, "nbformat_minor": 5}
-        body = {"type": "notebook", "format": "json", "content": content}
-        status, reply = lab.api("PUT", f"/api/contents/{name}", body)
-        assert status in (200, 201), reply
-    workspace = {
-        "data": {
-            "layout-restorer:data": {
-                "main": {
-                    "dock": {
-                        "type": "tab-area",
-                        "currentIndex": 0,
-                        "widgets": [f"notebook:{x}" for x in names],
-                    }
-                }
-            },
-            **{f"notebook:{x}": {"data": {"path": x, "factory": "Notebook"}} for x in names},
-        },
-        "metadata": {"id": "bench"},
-    }
-    status, reply = lab.api("PUT", "/lab/api/workspaces/bench", workspace)
-    assert status == 204, reply
     ui = LabPage(context.new_page(), lab)
-    ui.open("lab/workspaces/bench")
+    ui.open(workspace_with_notebooks(lab, "bench", names))
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and len(lab.api("GET", "/api/sessions")[1] or []) < n:
         time.sleep(0.5)

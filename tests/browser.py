@@ -32,6 +32,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 STATUS_ITEM = ".jp-SharedGPU-status"
+SHARED_GPU_NOTEBOOK = {
+    "kernelspec": {"name": "shared-gpu", "display_name": "Shared GPU", "language": "python"},
+    "language_info": {"name": "python"},
+}
 
 
 def browser_missing() -> str | None:
@@ -71,6 +75,24 @@ def lab_server(pool: Pool, base: Path, env: dict[str, str] | None = None) -> Jup
     )
     server.start()
     return server
+
+
+def workspace_with_notebooks(server: JupyterServer, workspace: str, names: list[str]) -> str:
+    """Write empty Shared GPU notebooks ``names`` and a JupyterLab workspace with one tab for
+    each; return the page path that opens it (as a reload restores such tabs)."""
+    for name in names:
+        content = {"cells": [], "metadata": SHARED_GPU_NOTEBOOK, "nbformat": 4, "nbformat_minor": 5}
+        body = {"type": "notebook", "format": "json", "content": content}
+        status, reply = server.api("PUT", f"/api/contents/{name}", body)
+        assert status in (200, 201), reply
+    dock = {"type": "tab-area", "currentIndex": 0, "widgets": [f"notebook:{n}" for n in names]}
+    data: dict[str, Any] = {"layout-restorer:data": {"main": {"dock": dock}}}
+    for name in names:
+        data[f"notebook:{name}"] = {"data": {"path": name, "factory": "Notebook"}}
+    body = {"data": data, "metadata": {"id": workspace}}
+    status, reply = server.api("PUT", f"/lab/api/workspaces/{workspace}", body)
+    assert status == 204, reply
+    return f"lab/workspaces/{workspace}"
 
 
 @contextmanager

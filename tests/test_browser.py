@@ -23,17 +23,19 @@ from typing import Any
 
 import pytest
 
-from tests.browser import ROOT, LabPage, browser_missing, lab_server, open_browser
+from tests.browser import (
+    ROOT,
+    LabPage,
+    browser_missing,
+    lab_server,
+    open_browser,
+    workspace_with_notebooks,
+)
 from tests.jupyter_server import JupyterServer
 from tests.pool import Pool
 from tests.sshd import ClientKeys, TestHost
 
 pytestmark = pytest.mark.skipif(bool(browser_missing()), reason=browser_missing() or "")
-
-NOTEBOOK_META = {
-    "kernelspec": {"name": "shared-gpu", "display_name": "Shared GPU", "language": "python"},
-    "language_info": {"name": "python"},
-}
 
 
 @pytest.fixture(scope="module")
@@ -234,28 +236,7 @@ def test_reload_with_three_notebooks_takes_no_slot(
     ui: LabPage, lab: JupyterServer, lab_pool: Pool
 ) -> None:
     names = [f"reload-{i}.ipynb" for i in range(3)]
-    for name in names:
-        notebook = {"cells": [], "metadata": NOTEBOOK_META, "nbformat": 4, "nbformat_minor": 5}
-        body = {"type": "notebook", "format": "json", "content": notebook}
-        assert lab.api("PUT", f"/api/contents/{name}", body)[0] in (200, 201)
-    layout = {
-        "main": {
-            "dock": {
-                "type": "tab-area",
-                "currentIndex": 0,
-                "widgets": [f"notebook:{name}" for name in names],
-            },
-        },
-    }
-    workspace = {
-        "data": {
-            "layout-restorer:data": layout,
-            **{f"notebook:{n}": {"data": {"path": n, "factory": "Notebook"}} for n in names},
-        },
-        "metadata": {"id": "three"},
-    }
-    assert lab.api("PUT", "/lab/api/workspaces/three", workspace)[0] == 204
-    ui.open("lab/workspaces/three")
+    ui.open(workspace_with_notebooks(lab, "three", names))
     ui.page.locator(".jp-NotebookPanel").nth(2).wait_for(state="attached")
     ui.page.reload()
     ui.page.wait_for_selector("#jp-main-dock-panel", state="visible", timeout=60_000)

@@ -1,13 +1,17 @@
 """``jupyter shared-gpu``: install or remove the "Shared GPU" kernelspec.
 
 The kernelspec names our provisioner (entry point ``shared-gpu-provisioner``) and carries the broker
-URL, the slot kind and where to find the token; never the token itself.
+URL, the slot kind and where to find the token; never the token itself. Its logo (the launcher
+card's) is ``provisioner/logo/``: the SVG is drawn by hand, the PNG is that SVG rendered by
+headless Chromium (``chromium --headless --default-background-color=00000000 --window-size=64,64
+--screenshot=logo-64x64.png logo-svg.svg``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +22,7 @@ from gpu_kernel.errors import SharedGPUError
 from provisioner.settings import DEFAULT_TOKEN_ENV, DEFAULT_TOKEN_FILE, ProvisionerSettings
 
 PROVISIONER_NAME = "shared-gpu-provisioner"
+LOGOS = tuple(Path(__file__).parent / "logo" / name for name in ("logo-svg.svg", "logo-64x64.png"))
 
 
 def kernelspec(display_name: str, config: dict) -> dict:
@@ -156,6 +161,8 @@ def install(args: argparse.Namespace) -> str:
     prefix = sys.prefix if args.sys_prefix else args.prefix
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+        for logo in LOGOS:
+            shutil.copyfile(logo, Path(tmp) / logo.name)
         return KernelSpecManager().install_kernel_spec(
             tmp, args.name, user=args.user, prefix=prefix
         )

@@ -275,7 +275,13 @@ class KernelSession:
             path, copied = saved_state.bring_to(
                 saved, self.kernel_id, self.settings, conn, target, self._shared_dir(), token, say
             )
-        request = kernel_steps.launch_request(self.kernel_id, lease, *self._launch_args)
+        request = kernel_steps.launch_request(
+            self.kernel_id,
+            lease,
+            *self._launch_args,
+            warm=self.settings.warm,
+            warm_preload=self.settings.warm_preload,
+        )
         say(f"Shared GPU: starting the kernel on {lease.host.name} slot {lease.slot.id}")
         kernel = self.link.launch(request, token)
         control = self._new_control(kernel)

@@ -11,7 +11,13 @@ import pytest
 from gpu_kernel.ssh import HostTarget
 from tests.hub import Deployment, hub_available, start_deployment
 from tests.pool import Pool
-from tests.sshd import ClientKeys, TestHost, clear_stale_pyenv_lock, start_hosts
+from tests.sshd import (
+    ClientKeys,
+    TestHost,
+    clear_stale_pyenv_lock,
+    end_warm_interpreters,
+    start_hosts,
+)
 
 
 def target_for(host: TestHost, keys: ClientKeys, python: str = sys.executable) -> HostTarget:
@@ -80,6 +86,13 @@ def hub_up(hub_deployment: Deployment) -> Deployment:
     """The session's hub deployment, its hub started again if a test stopped it."""
     hub_deployment.ensure_hub()
     return hub_deployment
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_warm_interpreters_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Warm interpreters started on the test hosts end with the test session."""
+    yield
+    end_warm_interpreters(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)

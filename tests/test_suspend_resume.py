@@ -6,6 +6,7 @@ as a Jupyter server does and checks what a notebook user would see.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
 from broker.client import BrokerClient
+from gpu_kernel.checkpoint import blob_store
 from tests.pool import Pool, shut_down, vanish
 from tests.sshd import ClientKeys, TestHost
 
@@ -188,8 +190,10 @@ def test_a_tampered_checkpoint_is_refused_with_a_clear_message(idle_pool, kernel
     km, kc = kernel
     run(kc, "secret = 'x' * 1000")
     checkpoint = wait_suspended(idle_pool, km.kernel_id)
-    data = [p for p in Path(checkpoint["path"]).iterdir() if p.name != "manifest.json"]
-    victim = max(data, key=lambda p: p.stat().st_size)
+    body = json.loads((Path(checkpoint["path"]) / "manifest.json").read_bytes())["manifest"]
+    store = blob_store(Path(checkpoint["path"]), body["store"])  # the owner's blobs on that host
+    digest, _ = max(body["blobs"], key=lambda b: b[1])
+    victim = store.path(digest)
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))

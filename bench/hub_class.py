@@ -29,21 +29,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from provisioner.install import main as install_main
+from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.hub import TestHub
 from tests.jupyter_ws import run_cell, start_kernel
 from tests.pool import Pool
 from tests.sshd import ClientKeys, start_hosts
-
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def pool_config(pool: Pool, slots_per_host: int, hub: TestHub) -> str:
@@ -104,7 +94,7 @@ def dashboard(pool: Pool, token: str, loads: int = 5) -> dict[str, float]:
     weights, paints, contentful = [], [], []
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS, headless=True
+            executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
         )
         page = browser.new_context().new_page()
         page.goto(pool.url + "/dashboard/login?with=token")

@@ -16,11 +16,11 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.browser import CHROMIUM, CHROMIUM_ARGS, browser_missing
 from tests.hub import Deployment
 from tests.jupyter_ws import CellResult, run_cell, start_kernel, stop_kernel
 
@@ -115,26 +115,15 @@ def test_a_student_outside_the_class_is_refused_in_the_cell_until_the_hub_adds_t
 
 # -- the dashboard in a real browser (Playwright driving Debian's chromium) -----------------------
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """Debian's chromium, driven by Playwright; each test signs in in a fresh context."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is missing (scripts/test installs it: apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
+    reason = browser_missing()
+    if reason:
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
             executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True
         )

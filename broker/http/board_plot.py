@@ -37,7 +37,7 @@ def in_use_steps(
         count += changes[offset]
         if offset == steps[-1][0]:
             steps[-1] = (offset, count)
-        else:
+        elif count != steps[-1][1]:
             steps.append((offset, count))
     return steps
 

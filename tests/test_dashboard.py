@@ -47,7 +47,7 @@ gpu_hours_per_day = 2
   days = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
   start = "00:00"
   end = "24:00"
-  reserved_slots = 1
+  reserved_slots = 2
 
 [[groups]]
 name = "ml102"
@@ -221,7 +221,7 @@ def test_a_teacher_sees_their_class_only_and_a_user_their_own_kernels(running) -
     _, _, page = teacher.request("GET", "/dashboard/")
     assert "Class ml101" in page and "ana" in page and "ben" in page
     assert "ml102" not in page and "carl" not in page and 'id="hosts"' not in page
-    assert "2 GPU-hours a day" in page and "1 reserved now" in page
+    assert "2 GPU-hours a day" in page and "2 reserved now" in page
     assert teacher.request("GET", "/dashboard/hosts/spare/drain")[0] == 403
 
     user = running.browser()
@@ -245,3 +245,31 @@ def test_a_revoked_token_ends_its_session_and_sign_out_needs_the_csrf_token(runn
     _, _, page = other.request("GET", "/dashboard/")
     assert other.request("POST", "/dashboard/logout", {"csrf": csrf_of(page)})[0] == 303
     assert other.request("GET", "/dashboard/")[0] == 302
+
+
+def test_the_queue_says_why_each_request_waits_and_the_class_who_waits(running) -> None:
+    service = running.server.service
+
+    def ask(user: str, kernel: str) -> str:
+        return running.server.call(lambda: service.request_lease(kernel, user, "sim", kernel).state)
+
+    assert ask("ana", "k1") == "granted"
+    assert ask("ana", "k2") == "queued"  # ml101 allows one slot per student
+    assert ask("zed", "k3") == "granted"
+    assert ask("zed", "k4") == "queued"  # the last free slot is kept for ben (class in session)
+    browser = running.browser()
+    browser.sign_in(running.tokens["root"])
+    _, _, page = browser.request("GET", "/dashboard/")
+    queue = page.split('id="queue"')[1].split("</section>")[0]
+    assert "holds the slots its class allows (ml101: 1 per student)" in queue
+    assert "the free slots are kept for a class in session" in queue
+    assert ask("ben", "k5") == "granted"
+    assert ask("carl", "k6") == "queued"
+    _, _, page = browser.request("GET", "/dashboard/")
+    assert "every sim slot is taken" in page.split('id="queue"')[1]
+
+    teacher = running.browser()
+    teacher.sign_in(running.tokens["prof"])
+    _, _, page = teacher.request("GET", "/dashboard/")
+    row = page.split("<td>ana</td>")[1].split("</tr>")[0]
+    assert "holds local/" in row and "waits (#1)" in row

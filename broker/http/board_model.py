@@ -180,7 +180,7 @@ def queue_reason(
             return f"holds the slots its class allows ({names}: {most_in_class} per student)"
     fitting = sum(n for kind, n in free.items() if lease.kind in (ANY_KIND, kind))
     if fitting == 0:
-        what = "slot" if lease.kind == ANY_KIND else f"{lease.kind!r} slot"
+        what = "slot" if lease.kind == ANY_KIND else f"{lease.kind} slot"
         return f"every {what} is taken"
     return "the free slots are kept for a class in session"
 

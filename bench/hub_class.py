@@ -33,7 +33,7 @@ from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.hub import TestHub
 from tests.jupyter_ws import run_cell, start_kernel
 from tests.pool import Pool
-from tests.sshd import ClientKeys, start_hosts
+from tests.sshd import ClientKeys, end_warm_interpreters, start_hosts
 
 
 def pool_config(pool: Pool, slots_per_host: int, hub: TestHub) -> str:
@@ -168,6 +168,7 @@ def main() -> int:
             pool.close()
             for host in hosts:
                 host.stop()
+            end_warm_interpreters(base)
     report(args, rows, before, after, t0, admin_page, teacher_page)
     return 0 if all(row["ok"] for row in rows) else 1
 

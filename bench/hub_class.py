@@ -140,7 +140,8 @@ def main() -> int:
         image = base / "image"
         install_args = ["install", "--prefix", str(image), "--broker-url", pool.url]
         assert install_main([*install_args, "--jupyterhub", "--lease-timeout", "10m"]) == 0
-        hub = TestHub(base / "hub", pool.url, {"JUPYTER_PATH": str(image / "share" / "jupyter")})
+        spawner_env = {"JUPYTER_PATH": str(image / "share" / "jupyter")}
+        hub = TestHub(base / "hub", pool.url, spawner_env, spawn_timeout=600)
         pool.config.write_text(pool_config(pool, args.slots // 2, hub))
         pool.start()
         try:

@@ -49,7 +49,11 @@ class TestHub:
     __test__ = False  # not a test class
 
     def __init__(
-        self, base: Path, broker_url: str, spawner_env: dict[str, str] | None = None
+        self,
+        base: Path,
+        broker_url: str,
+        spawner_env: dict[str, str] | None = None,
+        spawn_timeout: int = 60,
     ) -> None:
         self.base = base
         base.mkdir(parents=True, exist_ok=True)
@@ -73,6 +77,7 @@ class TestHub:
             json.dumps({"ServerApp": {"jpserver_extensions": off}})
         )
         self.spawner_env = {"JUPYTER_CONFIG_DIR": str(config_dir), **(spawner_env or {})}
+        self.spawn_timeout = spawn_timeout
         self.proc: subprocess.Popen | None = None
         self.config = base / "jupyterhub_config.py"
         self.config.write_text(self._config_text())
@@ -83,7 +88,7 @@ class TestHub:
             "\n[identity]\n"
             f'jupyterhub = {{ url = "{self.hub_url}", public_url = "{self.url}", '
             f'api_token_file = "{self.token_file}", cache_time = "{cache_time}", '
-            'timeout = "2s" }\n'
+            'timeout = "10s" }\n'
         )
 
     def _config_text(self) -> str:
@@ -106,8 +111,8 @@ c.SimpleLocalProcessSpawner.home_dir_template = {str(self.base / "home" / "{user
 c.Spawner.cmd = [{str(BIN / "jupyterhub-singleuser")!r}]
 c.Spawner.args = {["--ServerApp.allow_root=True"] if os.geteuid() == 0 else []!r}
 c.Spawner.environment = {env!r}
-c.Spawner.start_timeout = 60
-c.Spawner.http_timeout = 60
+c.Spawner.start_timeout = {self.spawn_timeout}
+c.Spawner.http_timeout = {self.spawn_timeout}
 c.JupyterHub.cleanup_servers = True
 c.JupyterHub.log_level = "WARN"
 
@@ -155,18 +160,34 @@ c.Spawner.server_token_scopes = [
         raise RuntimeError("JupyterHub did not start:\n" + self.log_tail())
 
     def stop(self) -> None:
-        """Stop the hub and its proxy (a signal to the whole process group: the proxy and the
-        users' servers are its children)."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.proc = None
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+        """Stop the hub and its proxy (a signal to the whole process group), then any user's
+        server still running (the spawner starts each in its own session, and a hub that was
+        killed leaves them behind)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
         self.proc = None
+        self._end_user_servers()
+
+    def _end_user_servers(self) -> None:
+        """SIGTERM the single-user servers this hub's spawner started (their environment names
+        this hub's JUPYTER_CONFIG_DIR)."""
+        marker = f"JUPYTER_CONFIG_DIR={self.base / 'jupyter-config'}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if b"jupyterhub-singleuser" not in (entry / "cmdline").read_bytes():
+                    continue
+                if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                    continue
+                os.kill(int(entry.name), signal.SIGTERM)
+            except OSError:
+                continue
 
     def kill(self) -> None:
         """The hub and its proxy die at once (SIGKILL), as in a crash."""
@@ -213,11 +234,8 @@ c.Spawner.server_token_scopes = [
         return reply["token"]
 
     def start_server(self, name: str, timeout: float = 60.0) -> str:
-        """Start ``name``'s single-user server; its URL through the proxy once it is ready."""
-        user = self.api("GET", f"/users/{name}")
-        assert isinstance(user, dict)
-        if "" not in (user.get("servers") or {}):  # neither running nor starting
-            self.api("POST", f"/users/{name}/server")
+        """Start ``name``'s single-user server (again, if a spawn failed); its URL through the
+        proxy once it is ready."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             user = self.api("GET", f"/users/{name}")
@@ -225,6 +243,8 @@ c.Spawner.server_token_scopes = [
             server = (user.get("servers") or {}).get("")
             if server and server.get("ready"):
                 return f"{self.url}/user/{name}"
+            if server is None:  # neither running nor starting
+                self.api("POST", f"/users/{name}/server")
             time.sleep(0.3)
         raise RuntimeError(f"the server of {name} did not start:\n" + self.log_tail())
 

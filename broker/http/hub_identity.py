@@ -40,6 +40,7 @@ log = logging.getLogger("broker.hub")
 BROKER_TOKEN_PREFIX = "sgpu_"
 UNKNOWN_TOKEN_TIME = 5.0  # seconds a token the hub does not know is answered 401 from memory
 MAX_CACHED = 100_000  # cached tokens; past it, expired entries go, then the oldest
+RETRY_GROUPS = 5.0  # seconds before the hub groups are read again after a failed read
 
 
 @dataclass
@@ -270,13 +271,15 @@ class HubIdentities:
         self._timer = None
         if self._stopped or not self.enabled:
             return
+        delay = self.config.cache_time
         try:
             await self.fresh_groups(self.clock())
         except HubError as exc:
             log.warning("hub groups not refreshed: %s", exc)
+            delay = min(delay, RETRY_GROUPS)  # e.g. the broker started before the hub
         if not self._stopped and self.enabled:
             loop = tornado.ioloop.IOLoop.current()
-            self._timer = loop.call_later(self.config.cache_time, self._refresh_in_background)
+            self._timer = loop.call_later(delay, self._refresh_in_background)
 
 
 @dataclass

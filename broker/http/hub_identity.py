@@ -65,7 +65,8 @@ def token_digest(token: str) -> str:
 
 class HubIdentities:
     """Hub tokens to ``HubUser``s (cached) and hub groups to the service's classes. Lives on
-    the broker's loop; ``BrokerServer`` makes one when the config names a hub."""
+    the broker's loop; ``BrokerServer`` makes one and starts it (it does nothing while the
+    config names no hub)."""
 
     def __init__(self, service: BrokerService, clock: Callable[[], float] = time.monotonic) -> None:
         self.service = service

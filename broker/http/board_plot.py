@@ -15,7 +15,7 @@ from broker.core.groups import DAY_SECONDS, ClassSession
 Step = tuple[float, int]  # (seconds after the day's 00:00 UTC, value from then on)
 
 WIDTH, HEIGHT = 720, 180
-LEFT, RIGHT, TOP, BOTTOM = 34, 10, 12, 24
+LEFT, RIGHT, TOP, BOTTOM = 34, 22, 12, 24
 
 
 def in_use_steps(

@@ -87,8 +87,7 @@ class TestHub:
         return (
             "\n[identity]\n"
             f'jupyterhub = {{ url = "{self.hub_url}", public_url = "{self.url}", '
-            f'api_token_file = "{self.token_file}", cache_time = "{cache_time}", '
-            'timeout = "10s" }\n'
+            f'api_token_file = "{self.token_file}", cache_time = "{cache_time}" }}\n'
         )
 
     def _config_text(self) -> str:

@@ -41,6 +41,7 @@ BROKER_TOKEN_PREFIX = "sgpu_"
 UNKNOWN_TOKEN_TIME = 5.0  # seconds a token the hub does not know is answered 401 from memory
 MAX_CACHED = 100_000  # cached tokens; past it, expired entries go, then the oldest
 RETRY_GROUPS = 5.0  # seconds before the hub groups are read again after a failed read
+FRESH_WAIT = 4.0  # a lease request waits this long for the hub's groups when recent ones exist
 
 
 @dataclass
@@ -218,8 +219,9 @@ class HubIdentities:
 
     async def fresh_groups(self, since: float) -> None:
         """Return once the classes' members come from a fetch that started at ``since`` or
-        later (``clock()`` time). With the hub down, members fetched within ``cache_time``
-        serve; older ones raise HubUnreachable."""
+        later (``clock()`` time). A hub that is down, or slower than ``FRESH_WAIT``, does not
+        hold the request up while members fetched within ``cache_time`` are known (they serve);
+        without them, HubUnreachable."""
         if not self.hub_group_names():
             return
         while self._groups_fetched_at is None or self._groups_fetched_at < since:
@@ -227,15 +229,23 @@ class HubIdentities:
                 self._groups_started = self.clock()
                 self._groups_future = asyncio.ensure_future(self._fetch_groups())
             started, future = self._groups_started, self._groups_future
+            recent = self._recent_members()
             try:
-                await asyncio.shield(future)
-            except HubError:
-                fetched = self._groups_fetched_at
-                if fetched is not None and self.clock() - fetched < self.config.cache_time:
+                if recent:
+                    await asyncio.wait_for(asyncio.shield(future), FRESH_WAIT)
+                else:
+                    await asyncio.shield(future)
+            except (HubError, asyncio.TimeoutError):
+                if self._recent_members():
                     return
                 raise
             if started >= since:
                 return
+
+    def _recent_members(self) -> bool:
+        """Were the classes' members fetched within ``cache_time``?"""
+        fetched = self._groups_fetched_at
+        return fetched is not None and self.clock() - fetched < self.config.cache_time
 
     async def _fetch_groups(self) -> None:
         started = self._groups_started

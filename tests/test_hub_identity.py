@@ -10,6 +10,8 @@ its teachers in ``ml-101-staff``; ``ml102`` is ``ml-102`` with a teacher named i
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -175,6 +177,26 @@ def test_a_hub_that_is_down_keeps_cached_identities_for_their_cache_time(hubbed:
         assert "Traceback" not in (hubbed.pool.base / "broker.log").read_text()
     finally:
         hubbed.release(lease)
+
+
+def test_a_hung_hub_gets_a_clear_503_once_the_members_it_gave_are_too_old(
+    hubbed: Hubbed,
+) -> None:
+    status, lease = hubbed.lease("ana", "k-ana-hung-1")  # a fresh read of the hub's groups
+    assert status == 201, lease
+    hubbed.release(lease)
+    os.kill(hubbed.hub.proc.pid, signal.SIGSTOP)  # the hub hangs: connections, no answers
+    try:
+        started = time.monotonic()
+        status, body = hubbed.lease("ana", "k-ana-hung-2")
+        waited = time.monotonic() - started
+    finally:
+        os.kill(hubbed.hub.proc.pid, signal.SIGCONT)
+    # The members read just before serve for a while; once they are older than the cache time
+    # the request waits for the read in full, and the hub's timeout makes it a 503.
+    assert (status, body["error"]["code"]) == (503, "hub_unreachable"), body
+    assert "cannot reach JupyterHub" in body["error"]["message"]
+    assert waited < 15
 
 
 # -- the config, without a hub -------------------------------------------------------------------

@@ -191,7 +191,9 @@ class HubApi:
         try:
             response = await self._http.fetch(request)
         except HTTPClientError as exc:
-            if exc.code >= 500 or exc.code == 599:
+            if exc.code == 599:  # tornado's code for no answer (timeout, connection closed)
+                raise self._unreachable(exc.message or "no answer") from None
+            if exc.code >= 500:
                 raise self._unreachable(f"HTTP {exc.code}") from None
             raise HubRefused(
                 exc.code, f"JupyterHub at {self.config.url} answered HTTP {exc.code}"

@@ -235,7 +235,11 @@ class HubIdentities:
                     await asyncio.wait_for(asyncio.shield(future), FRESH_WAIT)
                 else:
                     await asyncio.shield(future)
-            except (HubError, asyncio.TimeoutError):
+            except asyncio.TimeoutError:
+                if self._recent_members():
+                    return
+                continue  # they aged meanwhile: wait for this read in full
+            except HubError:
                 if self._recent_members():
                     return
                 raise

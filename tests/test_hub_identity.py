@@ -155,6 +155,26 @@ def test_identities_are_cached_and_the_cache_is_measured(hubbed: Hubbed) -> None
     assert hubbed.metric('gpu_broker_hub_identity_lookups_total{result="hit"}') == hits + 4
 
 
+def test_a_hung_hub_gets_a_clear_503_once_the_members_it_gave_are_too_old(
+    hubbed: Hubbed,
+) -> None:
+    status, lease = hubbed.lease("ana", "k-ana-hung-1")  # a fresh read of the hub's groups
+    assert status == 201, lease
+    hubbed.release(lease)
+    os.kill(hubbed.hub.proc.pid, signal.SIGSTOP)  # the hub hangs: connections, no answers
+    try:
+        started = time.monotonic()
+        status, body = hubbed.lease("ana", "k-ana-hung-2")
+        waited = time.monotonic() - started
+    finally:
+        os.kill(hubbed.hub.proc.pid, signal.SIGCONT)
+    # The members read just before serve for a while; once they are older than the cache time
+    # the request waits for the read in full, and the hub's timeout makes it a 503.
+    assert (status, body["error"]["code"]) == (503, "hub_unreachable"), body
+    assert "cannot reach JupyterHub" in body["error"]["message"]
+    assert waited < 15
+
+
 def test_a_hub_that_is_down_keeps_cached_identities_for_their_cache_time(hubbed: Hubbed) -> None:
     status, lease = hubbed.lease("ana", "k-ana-down")
     assert status == 201, lease
@@ -177,26 +197,6 @@ def test_a_hub_that_is_down_keeps_cached_identities_for_their_cache_time(hubbed:
         assert "Traceback" not in (hubbed.pool.base / "broker.log").read_text()
     finally:
         hubbed.release(lease)
-
-
-def test_a_hung_hub_gets_a_clear_503_once_the_members_it_gave_are_too_old(
-    hubbed: Hubbed,
-) -> None:
-    status, lease = hubbed.lease("ana", "k-ana-hung-1")  # a fresh read of the hub's groups
-    assert status == 201, lease
-    hubbed.release(lease)
-    os.kill(hubbed.hub.proc.pid, signal.SIGSTOP)  # the hub hangs: connections, no answers
-    try:
-        started = time.monotonic()
-        status, body = hubbed.lease("ana", "k-ana-hung-2")
-        waited = time.monotonic() - started
-    finally:
-        os.kill(hubbed.hub.proc.pid, signal.SIGCONT)
-    # The members read just before serve for a while; once they are older than the cache time
-    # the request waits for the read in full, and the hub's timeout makes it a 503.
-    assert (status, body["error"]["code"]) == (503, "hub_unreachable"), body
-    assert "cannot reach JupyterHub" in body["error"]["message"]
-    assert waited < 15
 
 
 # -- the config, without a hub -------------------------------------------------------------------

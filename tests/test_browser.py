@@ -247,8 +247,9 @@ def test_reload_with_three_notebooks_takes_no_slot(
     ui.page.reload()
     ui.page.wait_for_selector("#jp-main-dock-panel", state="visible", timeout=60_000)
 
-    def sessions() -> int:
-        return len(lab.api("GET", "/api/sessions")[1] or [])
+    def sessions() -> int:  # those of the three notebooks (a test before may leave others)
+        found = lab.api("GET", "/api/sessions")[1] or []
+        return sum(1 for s in found if str(s.get("path", "")).rsplit("/", 1)[-1] in names)
 
     deadline = time.monotonic() + 20
     while sessions() < 3 and time.monotonic() < deadline:

@@ -312,6 +312,7 @@ def listening_sockets() -> int:
     return sum(1 for c in me.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN)
 
 
+@pytest.mark.timeout(300)
 def test_listening_sockets_stay_the_same_across_restarts_and_resumes(
     fault_pool: Pool, checker: SlotChecker
 ):

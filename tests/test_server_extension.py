@@ -97,6 +97,10 @@ def test_endpoints_show_shared_gpu_kernels_and_suspend_them(pool: Pool, tmp_path
             client.get_shell_msg(timeout=30)
         finally:
             client.stop_channels()
+        deadline = time.monotonic() + 10  # the cell's idle status follows its reply
+        while server.api("GET", f"/shared-gpu/kernels/{kernel['id']}")[1]["busy"]:
+            assert time.monotonic() < deadline, "the kernel stayed busy after its cell"
+            time.sleep(0.05)
 
         status, state = server.api("POST", f"/shared-gpu/kernels/{kernel['id']}/suspend")
         assert status == 202, state

@@ -167,6 +167,13 @@ def main() -> int:
         finally:
             hub.stop()
             pool.close()
+            errors = [
+                line
+                for line in (pool.base / "broker.log").read_text().splitlines()
+                if " ERROR " in line or "Traceback" in line
+            ]
+            if errors:
+                print("broker log errors:\n  " + "\n  ".join(errors[:20]))
             for host in hosts:
                 host.stop()
             end_warm_interpreters(base)

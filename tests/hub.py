@@ -173,16 +173,22 @@ c.Spawner.server_token_scopes = [
         self._end_user_servers()
 
     def _end_user_servers(self) -> None:
-        """SIGTERM the single-user servers this hub's spawner started (their environment names
-        this hub's JUPYTER_CONFIG_DIR)."""
+        """SIGTERM what the hub left running: the single-user servers its spawner started
+        (their environment names this hub's JUPYTER_CONFIG_DIR) and a proxy it adopted after
+        a crash (a restarted hub reuses the running proxy and does not stop it)."""
         marker = f"JUPYTER_CONFIG_DIR={self.base / 'jupyter-config'}".encode()
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             try:
-                if b"jupyterhub-singleuser" not in (entry / "cmdline").read_bytes():
-                    continue
-                if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                cmdline = (entry / "cmdline").read_bytes()
+                if b"jupyterhub-singleuser" in cmdline:
+                    if marker not in (entry / "environ").read_bytes().split(b"\0"):
+                        continue
+                elif b"configurable-http-proxy" in cmdline:
+                    if Path(os.readlink(entry / "cwd")) != self.base:
+                        continue
+                else:
                     continue
                 os.kill(int(entry.name), signal.SIGTERM)
             except OSError:

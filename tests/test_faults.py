@@ -420,3 +420,42 @@ def test_a_jupyter_server_killed_with_sigkill_loses_no_variable(
         saved_after,
     )
     kc.stop_channels()
+
+
+def test_max_lease_ends_a_busy_kernel_with_a_notice_an_interrupt_and_a_suspend(
+    tmp_path: Path, ssh_hosts: list[TestHost], client_keys: ClientKeys, monkeypatch
+):
+    """A forced order (max_lease; quota works the same) reaches a kernel running a cell: the
+    cell says what will happen, is interrupted after the grace, the kernel suspends with its
+    variables, and the next cell resumes them."""
+    pool = Pool(
+        tmp_path / "pool",
+        ssh_hosts,
+        client_keys,
+        heartbeat_interval="500ms",
+        max_lease="6s",
+        busy_grace="2s",
+    )
+    try:
+        pool.start()
+        pool.install_spec()
+        monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
+        km, kc = pool.start_kernel()
+        run(kc, "kept = [1, 2, 3]")
+        started = time.monotonic()
+        content, _, err = run(kc, "import time\nfor _ in range(600): time.sleep(0.1)", timeout=60)
+        assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
+        assert "held its GPU for the longest time the pool allows" in err
+        assert "interrupted in" in err and "suspended" in err
+        wait_until(lambda: phase_of(km) is Phase.SUSPENDED, 30, "the suspend after the interrupt")
+        report(
+            "max_lease reached while a cell runs (grace 2 s)",
+            "notice in the cell, interrupted, suspended; variables kept",
+            time.monotonic() - started,
+        )
+        assert not any(pool.slot_users().values())
+        content, out, _ = run(kc, "print(sum(kept))")
+        assert content["status"] == "ok" and out.strip().splitlines()[-1] == "6"
+        kc.stop_channels()
+    finally:
+        pool.close()

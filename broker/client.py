@@ -322,19 +322,42 @@ class BrokerClient:
         code = error.get("code", "") if isinstance(error, dict) else ""
         message = error.get("message", "") if isinstance(error, dict) else ""
         if status == 401:
+            hint = (
+                "restart your server from the hub (its token may have been revoked), or ask "
+                "the admin to set [identity] jupyterhub in the broker config"
+                if self.token_source == f"${HUB_TOKEN_ENV}"
+                else "create one with `gpu-broker token create --config FILE --user NAME` "
+                f"and put it in ${TOKEN_ENV} or {DEFAULT_TOKEN_FILE}"
+            )
             raise BrokerAuthError(
-                f"the broker rejected the token from {self.token_source}: {message}",
-                hint="create one with `gpu-broker token create --config FILE --user NAME` "
-                f"and put it in ${TOKEN_ENV} or {DEFAULT_TOKEN_FILE}",
+                f"the broker rejected the token from {self.token_source}: {message}", hint=hint
             )
         if not message:
             message = f"unexpected reply from the broker at {self.url} (HTTP {status})"
         raise BrokerRequestError(status, code or "http_error", f"broker: {message}")
 
 
-def read_token(env_var: str = TOKEN_ENV, token_file: str | Path | None = None) -> tuple[str, str]:
-    """The bearer token and where it came from: ``$env_var`` first, else the token file
-    (default ``~/.config/jupyter-shared-gpu/token``), which must not be readable by others."""
+HUB_TOKEN_ENV = "JUPYTERHUB_API_TOKEN"  # the single-user server's own token, set by the hub
+
+
+def read_token(
+    env_var: str = TOKEN_ENV, token_file: str | Path | None = None, source: str = "broker"
+) -> tuple[str, str]:
+    """The bearer token and where it came from (a name, never the token). ``source`` "broker":
+    ``$env_var`` first, else the token file (default ``~/.config/jupyter-shared-gpu/token``),
+    which must not be readable by others. ``source`` "jupyterhub" (the kernelspec's
+    ``token_source``, for a broker that is a JupyterHub service): the Jupyter server's own hub
+    API token, ``$JUPYTERHUB_API_TOKEN``, which the hub gave the single-user server."""
+    if source == "jupyterhub":
+        hub_token = os.environ.get(HUB_TOKEN_ENV, "").strip()
+        if not hub_token:
+            raise BrokerError(
+                f"this kernelspec presents the JupyterHub token, but ${HUB_TOKEN_ENV} is not "
+                "set: this Jupyter server does not run under JupyterHub",
+                hint="start the server from the hub, or install the kernelspec without "
+                "--jupyterhub (`jupyter shared-gpu install`) to use a broker token",
+            )
+        return hub_token, f"${HUB_TOKEN_ENV}"
     value = os.environ.get(env_var, "").strip()
     if value:
         return value, f"${env_var}"

@@ -23,6 +23,7 @@ from broker.config.loader import Config
 from broker.errors import ConfigError
 from broker.http.app import make_app, make_router
 from broker.http.front import LISTEN_BACKLOG, Connections, HttpProtocol
+from broker.http.hub_identity import HubIdentities
 from broker.service.reload import reload_config
 from broker.service.service import BrokerService
 from broker.store.sqlite import Store
@@ -55,6 +56,7 @@ class BrokerServer:
         self.synchronous = synchronous
         self.clock = clock
         self.service: BrokerService | None = None
+        self.hub: HubIdentities | None = None
         self._listeners: list[asyncio.Server] = []
         self._connections = Connections()  # the caps and budget its connections share
         self._ticker: tornado.ioloop.PeriodicCallback | None = None
@@ -73,13 +75,23 @@ class BrokerServer:
         self._store = Store(self.config.server.database, synchronous=self.synchronous)
         self._store.group_commit = self.group_commit
         self.service = BrokerService(self.config, self._store, clock=self.clock)
+        self.hub = HubIdentities(self.service)
+        try:
+            self.hub.start()  # with a hub: its service token must be readable
+        except BaseException:
+            self._store.close()
+            self._store = None
+            raise
         # What exists now (modules, config, restored leases) lives as long as the broker: keep
         # it out of the cyclic GC's generations, whose full passes otherwise cost each request
         # about a third of its time (bench/broker_load.py).
         gc.freeze()
         sockets = tornado.netutil.bind_sockets(self.port, self.host, family=socket.AF_UNSPEC)
         self.port = sockets[0].getsockname()[1]
-        front = make_router(self.service) if self.lease_routes else make_app(self.service)
+        if self.lease_routes:
+            front = make_router(self.service, self.hub)
+        else:
+            front = make_app(self.service, self.hub)
         loop = asyncio.get_running_loop()
         for sock in sockets:
             server = await loop.create_server(
@@ -103,6 +115,8 @@ class BrokerServer:
     async def stop(self) -> None:
         if self._ticker is not None:
             self._ticker.stop()
+        if self.hub is not None:
+            self.hub.stop()
         for listener in self._listeners:
             listener.close()
         for connection in list(self._connections):

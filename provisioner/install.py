@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
         f"(default: {DEFAULT_TOKEN_FILE})",
     )
     inst.add_argument(
+        "--jupyterhub",
+        action="store_true",
+        help="the broker is a JupyterHub service: present the Jupyter server's own hub token "
+        "($JUPYTERHUB_API_TOKEN) instead of a broker token (docs/jupyterhub.md)",
+    )
+    inst.add_argument(
         "--lease-timeout", default="10m", help='how long to wait for a free slot (default: "10m")'
     )
     inst.add_argument(
@@ -145,6 +151,9 @@ def _config_from(args: argparse.Namespace) -> dict:
         "link_timeout": args.link_timeout,
         "warm": args.warm,
     }
+    if args.jupyterhub:
+        config["token_source"] = "jupyterhub"
+        del config["token_env"], config["token_file"]
     if args.warm_preload is not None:
         config["warm_preload"] = [name for name in args.warm_preload if name]
     if args.ssh_key_file:

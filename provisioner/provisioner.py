@@ -69,7 +69,9 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _new_session(self, proxy_ports: dict[str, int] | None = None) -> KernelSession:
         settings = self._settings()
-        token, source = read_token(settings.token_env, settings.token_file)
+        # Under JupyterHub (token_source "jupyterhub") this is the server's own hub API token:
+        # it goes to the broker only, never to the kernel, a log or the browser.
+        token, source = read_token(settings.token_env, settings.token_file, settings.token_source)
 
         def make_client() -> BrokerClient:
             return BrokerClient(settings.broker_url, token, token_source=source)

@@ -17,6 +17,7 @@ from gpu_kernel.errors import SharedGPUError
 
 DEFAULT_TOKEN_ENV = "SHARED_GPU_TOKEN"
 DEFAULT_TOKEN_FILE = "~/.config/jupyter-shared-gpu/token"
+TOKEN_SOURCES = ("broker", "jupyterhub")
 
 
 class SettingsError(SharedGPUError):
@@ -53,6 +54,7 @@ class ProvisionerSettings:
     known_hosts_file: str | None = None  # overrides the broker's known_hosts
     attach: str = "lazy"  # "lazy": no lease until the first cell; "eager": at start
     link_timeout: float = 10.0  # no word from the host this long: the SSH link is lost
+    token_source: str = "broker"  # "jupyterhub": present the server's $JUPYTERHUB_API_TOKEN
     warm: float = 1800.0  # a warm interpreter waits this long on a host for the next start (0: off)
     warm_preload: tuple[str, ...] = ("torch",)  # what it imports beforehand (when installed)
 
@@ -96,6 +98,15 @@ class ProvisionerSettings:
                 )
             else:
                 values["attach"] = config["attach"]
+        if "token_source" in config:
+            if config["token_source"] not in TOKEN_SOURCES:
+                problems.append(
+                    'token_source must be "broker" (a broker token from token_env or '
+                    'token_file) or "jupyterhub" (the server\'s own hub token), got '
+                    f"{config['token_source']!r}"
+                )
+            else:
+                values["token_source"] = config["token_source"]
         if "warm" in config:
             if config["warm"] in (0, "0", "off"):
                 values["warm"] = 0.0

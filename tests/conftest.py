@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpu_kernel.ssh import HostTarget
+from tests.hub import Deployment, hub_available, start_deployment
 from tests.pool import Pool
 from tests.sshd import (
     ClientKeys,
@@ -64,6 +65,27 @@ def pool(
     monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(tmp_path / "kernels"))
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session")
+def hub_deployment(
+    tmp_path_factory: pytest.TempPathFactory, ssh_hosts: list[TestHost], client_keys: ClientKeys
+) -> Iterator[Deployment]:
+    """A real JupyterHub with the broker as its service over the sshd hosts (tests/hub.py);
+    one for the session: a hub and its users' servers take seconds to start."""
+    reason = hub_available()
+    if reason:
+        pytest.skip(reason)
+    deployment = start_deployment(tmp_path_factory.mktemp("hub"), ssh_hosts, client_keys)
+    yield deployment
+    deployment.close()
+
+
+@pytest.fixture
+def hub_up(hub_deployment: Deployment) -> Deployment:
+    """The session's hub deployment, its hub started again if a test stopped it."""
+    hub_deployment.ensure_hub()
+    return hub_deployment
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -90,6 +90,15 @@ def test_examples_have_the_promised_shape() -> None:
     ]
 
 
+def test_the_jupyterhub_example_binds_its_class_to_hub_groups() -> None:
+    hub = load_config(EXAMPLES / "jupyterhub-class.toml")
+    assert hub.identity.jupyterhub is not None
+    assert hub.identity.jupyterhub.api_url == "http://127.0.0.1:8081/hub/api"
+    [group] = hub.groups
+    assert (group.hub_group, group.teacher_hub_group) == ("ml-101", "ml-101-staff")
+    assert hub.policy.members_only
+
+
 def test_examples_cover_the_three_promised_set_ups() -> None:
     names = {p.stem for p in EXAMPLES.glob("*.toml")}
     assert {"lab-one-host", "multi-host-mig", "classroom", "local-simulated"} <= names

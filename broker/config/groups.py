@@ -16,16 +16,22 @@ NAME = re.compile(r"[A-Za-z0-9._-]+")
 _HHMM = re.compile(r"(\d{2}):(\d{2})")
 
 _GROUP_KEYS = ("name", "members", "teachers", "kinds", "max_slots_per_user")
-_GROUP_KEYS += ("gpu_hours_per_day", "priority", "sessions")
+_GROUP_KEYS += ("gpu_hours_per_day", "priority", "sessions", "hub_group", "teacher_hub_group")
 _SESSION_KEYS = ("days", "start", "end", "reserved_slots")
 
 
 def check_groups(
-    checker: Checker, data: dict, kinds: Collection[str] | None, slot_kinds: list[str]
+    checker: Checker,
+    data: dict,
+    kinds: Collection[str] | None,
+    slot_kinds: list[str],
+    has_hub: bool = False,
 ) -> tuple[GroupConfig, ...] | None:
     """Check ``[[groups]]`` of the parsed document. ``kinds``: the pool's kinds, or None when a
     host's slots are probed later (``gpus = "auto"``: kinds and slot counts are not checked).
-    ``slot_kinds``: the kind of every declared slot (for reserved_slots). None on problems."""
+    ``slot_kinds``: the kind of every declared slot (for reserved_slots). ``has_hub``: the
+    config names a JupyterHub (``[identity] jupyterhub``), which ``hub_group`` needs. None on
+    problems."""
     raw = data.get("groups")
     if raw is None:
         return ()
@@ -36,7 +42,7 @@ def check_groups(
     names: dict[str, int] = {}
     groups = []
     for i, table in enumerate(raw):
-        group = _group(checker, table, ("groups", i), kinds, slot_kinds)
+        group = _group(checker, table, ("groups", i), kinds, slot_kinds, has_hub)
         if group is None:
             continue
         if group.name in names:
@@ -56,6 +62,7 @@ def _group(
     path: tuple,
     kinds: Collection[str] | None,
     slot_kinds: list[str],
+    has_hub: bool,
 ) -> GroupConfig | None:
     checker.known_keys(table, _GROUP_KEYS, path)
     before = len(checker.issues)
@@ -92,6 +99,18 @@ def _group(
     if kinds is not None and all(kind in kinds for kind in group_kinds):
         capacity = sum(1 for k in slot_kinds if not group_kinds or k in group_kinds)
     sessions = _sessions(checker, table, path, capacity)
+    hub_groups = {}
+    for key in ("hub_group", "teacher_hub_group"):
+        value = checker.typed(table, key, path, str, '"ml-101"')
+        if value is not None and not value.strip():
+            checker.issue((*path, key), "must be the name of a JupyterHub group, not empty")
+        elif value is not None and not has_hub:
+            checker.issue(
+                (*path, key),
+                f"{key} needs a hub: add [identity] jupyterhub = {{ url = "
+                '"http://127.0.0.1:8081" } (docs/jupyterhub.md)',
+            )
+        hub_groups[key] = value
     if len(checker.issues) > before or sessions is None:
         return None
     return GroupConfig(
@@ -103,6 +122,8 @@ def _group(
         gpu_hours_per_day=float(hours) if hours is not None else None,
         priority=priority or 0,
         sessions=sessions,
+        hub_group=hub_groups["hub_group"],
+        teacher_hub_group=hub_groups["teacher_hub_group"],
     )
 
 

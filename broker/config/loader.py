@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from broker.config.groups import check_groups
 from broker.config.hosts import HostConfig, HostsChecker, SlotConfig
+from broker.config.identity import NO_IDENTITY, IdentityConfig, check_identity
 from broker.config.policy import PolicyConfig, check_policy
 from broker.config.toml_check import LineIndex, syntax_issue
 from broker.core.groups import ClassSession as ClassSession  # re-exported: config's names
@@ -27,7 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-_TOP_KEYS = ("server", "policy", "hosts", "groups")
+_TOP_KEYS = ("server", "policy", "hosts", "groups", "identity")
 _SERVER_KEYS = ("listen", "host", "port", "database")
 
 
@@ -49,6 +50,7 @@ class Config:
     policy: PolicyConfig
     hosts: tuple[HostConfig, ...]
     groups: tuple[GroupConfig, ...] = ()
+    identity: IdentityConfig = NO_IDENTITY
 
     @property
     def slots(self) -> tuple[SlotConfig, ...]:
@@ -79,6 +81,23 @@ class Config:
     def groups_of(self, user: str) -> tuple[GroupConfig, ...]:
         """The groups that list ``user`` as a member (empty: an open user), in file order."""
         return tuple(group for group in self.groups if user in group.members)
+
+    def with_hub_members(self, hub_members: Mapping[str, frozenset[str]]) -> Config:
+        """A copy whose groups have their ``hub_group``'s users added to ``members`` and their
+        ``teacher_hub_group``'s users to ``teachers`` (``hub_members``: hub group -> users, as
+        ``BrokerService.set_hub_members`` got them); itself when no group names a hub group."""
+        if not any(g.hub_group or g.teacher_hub_group for g in self.groups):
+            return self
+        groups = tuple(
+            replace(
+                group,
+                members=group.members | hub_members.get(group.hub_group or "", frozenset()),
+                teachers=group.teachers
+                | hub_members.get(group.teacher_hub_group or "", frozenset()),
+            )
+            for group in self.groups
+        )
+        return replace(self, groups=groups)
 
     def with_slots(self, host_name: str, slots: Iterable[SlotConfig]) -> Config:
         """A copy with the slots of host ``host_name`` replaced by ``slots`` (the server calls
@@ -144,10 +163,16 @@ class _Checker(HostsChecker):
             kinds = set(slot_kinds)
         elif hosts is None:
             kinds = None  # hosts have problems of their own: do not pile kind errors on them
-        groups = check_groups(self, data, kinds, slot_kinds)
+        identity = check_identity(self, data, path)
+        has_hub = identity is None or identity.jupyterhub is not None  # None: already reported
+        groups = check_groups(self, data, kinds, slot_kinds, has_hub)
         if server is None or policy is None or hosts is None or groups is None:
             return None
-        return Config(path=path, server=server, policy=policy, hosts=hosts, groups=groups)
+        if identity is None:
+            return None
+        return Config(
+            path=path, server=server, policy=policy, hosts=hosts, groups=groups, identity=identity
+        )
 
     def server(self, table: dict, config_path: Path) -> ServerConfig | None:
         path = ("server",)

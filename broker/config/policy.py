@@ -32,7 +32,7 @@ DURATIONS = {
     "busy_grace": 60.0,
 }
 COUNTS = {"max_leases_per_user": 4, "max_queued_per_user": 3}  # [policy] integers, each >= 1
-POLICY_KEYS = (*DURATIONS, *COUNTS, "checkpoint_dir")
+POLICY_KEYS = (*DURATIONS, *COUNTS, "checkpoint_dir", "members_only")
 MAX_FENCE_SAVE_GRACE = 600.0  # the fencing command refuses to wait longer for a save
 
 
@@ -55,6 +55,7 @@ class PolicyConfig:
     max_leases_per_user: int = 4
     max_queued_per_user: int = 3
     checkpoint_dir: str | None = None  # shared by all hosts: checkpoints need no copy
+    members_only: bool = False  # True: users in no group are refused (a hub's other users)
 
 
 def scheduler_policy(config: PolicyConfig, groups: Iterable[GroupConfig] = ()) -> Policy:
@@ -71,6 +72,7 @@ def scheduler_policy(config: PolicyConfig, groups: Iterable[GroupConfig] = ()) -
         fence_retry=config.fence_retry,
         suspend_retry=config.suspend_retry,
         busy_grace=config.busy_grace,
+        members_only=config.members_only,
         groups=tuple(groups),
     )
 
@@ -101,6 +103,7 @@ def check_policy(checker: Checker, table: dict) -> PolicyConfig | None:
     checkpoint_dir = checker.typed(table, "checkpoint_dir", path, str, '"/shared/checkpoints"')
     if checkpoint_dir is not None and not checkpoint_dir.strip():
         checker.issue((*path, "checkpoint_dir"), "must not be empty: leave it out instead")
+    members_only = checker.typed(table, "members_only", path, bool, "true")
     if len(checker.issues) > before:
         return None
     for keys, message in _combinations(values):
@@ -108,7 +111,12 @@ def check_policy(checker: Checker, table: dict) -> PolicyConfig | None:
         checker.issue((*path, key), message)
     if len(checker.issues) > before:
         return None
-    return PolicyConfig(**values, **counts, checkpoint_dir=checkpoint_dir)  # type: ignore[arg-type]
+    return PolicyConfig(
+        **values,  # type: ignore[arg-type]
+        **counts,
+        checkpoint_dir=checkpoint_dir,
+        members_only=bool(members_only),
+    )
 
 
 def _combinations(v: dict[str, float]) -> list[tuple[tuple[str, ...], str]]:

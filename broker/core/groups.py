@@ -46,6 +46,11 @@ class GroupConfig:
     gpu_hours_per_day: float | None = None
     priority: int = 0
     sessions: tuple[ClassSession, ...] = ()
+    # Where more members and teachers come from (``[[groups]] hub_group``): the service adds the
+    # hub group's users to ``members``/``teachers`` before the scheduler sees the group; the
+    # scheduler reads only ``members``.
+    hub_group: str | None = None
+    teacher_hub_group: str | None = None
 
     def allows(self, kind: str) -> bool:
         """True when members of this group may lease a slot of ``kind``."""

@@ -13,6 +13,7 @@ usage):
 
 - a request for kind K (or "any") gets a free *grantable* slot of that kind (not drained, not
   being fenced, not unreachable), else it waits; a kind the pool lacks is refused;
+- with ``policy.members_only``, a user in no group is refused;
 - a member of groups may lease only kinds one of their groups allows, at most
   ``max_slots_per_user`` per group; everyone at most ``policy.max_leases_per_user``;
 - a user whose GPU time today (UTC) reached their group's ``gpu_hours_per_day`` is refused
@@ -154,6 +155,13 @@ class Scheduler(SchedulerState):
     def _request(self, event: RequestLease) -> list[Decision]:
         if event.lease_id in self._leases:
             raise ValueError(f"lease id {event.lease_id!r} is already in use")
+        if self.policy.members_only and not self.groups_of(event.user):
+            names = ", ".join(group.name for group in self.policy.groups) or "none yet"
+            reason = (
+                f"the GPU pool is only for members of its classes ({names}) and "
+                f"{event.user!r} is in none: ask your teacher to add you to your class's group"
+            )
+            return [Refused(event.lease_id, reason, "not_a_member")]
         reason = self._refusal(event.user, event.kind, event.now)
         if reason is not None:
             return [Refused(event.lease_id, reason)]

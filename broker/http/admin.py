@@ -149,7 +149,8 @@ class MetricsHandler(BaseHandler):
         self.require_role("admin", "teacher")
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
         self.set_status(200)
-        self.finish(metrics.render(self.service))
+        hub = self.hub.stats if self.hub is not None and self.hub.enabled else None
+        self.finish(metrics.render(self.service, hub))
 
 
 def _since(raw: str, now: float) -> float:

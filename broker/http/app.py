@@ -10,6 +10,7 @@ from __future__ import annotations
 import tornado.web
 
 from broker.http.admin import routes as admin_routes
+from broker.http.dashboard import routes as dashboard_routes
 from broker.http.handlers import (
     HeartbeatHandler,
     LeaseHandler,
@@ -19,17 +20,21 @@ from broker.http.handlers import (
     WhoamiHandler,
     log_request,
 )
+from broker.http.hub_identity import HubIdentities
 from broker.http.routes import ApiRouter
 from broker.service.service import BrokerService
 
 
-def make_router(service: BrokerService) -> ApiRouter:
-    """The whole API as ``BrokerServer`` serves it: hot lease calls on the fast path."""
-    return ApiRouter(service, make_app(service))
+def make_router(service: BrokerService, hub: HubIdentities | None = None) -> ApiRouter:
+    """The whole API as ``BrokerServer`` serves it: hot lease calls on the fast path. ``hub``:
+    the hub's identities, when the config names one (``[identity] jupyterhub``)."""
+    return ApiRouter(service, make_app(service, hub), hub)
 
 
-def make_app(service: BrokerService) -> tornado.web.Application:
-    args = {"service": service}
+def make_app(
+    service: BrokerService, hub: HubIdentities | None = None
+) -> tornado.web.Application:
+    args = {"service": service, "hub": hub}
     return tornado.web.Application(
         [
             (r"/api/v1/leases", LeasesHandler, args),
@@ -38,6 +43,7 @@ def make_app(service: BrokerService) -> tornado.web.Application:
             (r"/api/v1/status", StatusHandler, args),
             (r"/api/v1/whoami", WhoamiHandler, args),
             *admin_routes(args),
+            *dashboard_routes(args),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=args,

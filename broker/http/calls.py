@@ -19,6 +19,8 @@ from typing import Any
 from broker.core.leases import Lease
 from broker.http import auth
 from broker.http.auth import Identity, may_act, may_see
+from broker.http.hub_api import HubError, HubUnreachable, HubUser
+from broker.http.hub_identity import HubIdentities, Lookup
 from broker.http.views import lease_json
 from broker.service.service import BrokerService, LeaseRefused, NotYours, RequestConflict
 from broker.store.host_records import CheckpointRow
@@ -53,12 +55,26 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-def authenticate(service: BrokerService, header: str) -> Identity:
-    """The caller behind an ``Authorization`` header; ApiError 401 (nothing changes) if none."""
+def bearer(header: str) -> str:
+    """The token of an ``Authorization: Bearer TOKEN`` header (JupyterHub's ``token TOKEN``
+    too), or ""."""
     scheme, _, token = header.partition(" ")
-    identity = None
-    if scheme.lower() == "bearer":
-        identity = auth.verify(service.store, token.strip())
+    return token.strip() if scheme.lower() in ("bearer", "token") else ""
+
+
+def authenticate(
+    service: BrokerService,
+    header: str,
+    hub: HubIdentities | None = None,
+    lookup: Lookup | None = None,
+) -> Identity:
+    """The caller behind an ``Authorization`` header; ApiError 401 (nothing changes) if none.
+    With a hub, a token that is not a broker token is the hub's: ``lookup`` (from
+    ``hub_identity.look_up``, awaited) has its user."""
+    token = bearer(header)
+    if hub is not None and hub.is_hub_token(token):
+        return hub_identity(hub, lookup.user if lookup is not None else hub.cached(token)[1])
+    identity = auth.verify(service.store, token) if token else None
     if identity is None:
         reason = "missing" if not header else "not valid (unknown, revoked or malformed)"
         raise ApiError(
@@ -76,6 +92,50 @@ def authenticate(service: BrokerService, header: str) -> Identity:
             "(`gpu-broker token create --user NAME`)",
         )
     return identity
+
+
+def hub_identity(hub: HubIdentities, user: HubUser | None) -> Identity:
+    """The broker identity of a hub user; 401 for a token the hub does not know, 403 for one
+    that may not use this service or a hub name that cannot be a broker user."""
+    config = hub.config
+    if user is None:
+        raise ApiError(
+            401,
+            "unauthorized",
+            f"JupyterHub at {config.url} does not know this token (expired, revoked, or not a "
+            "user's): sign in to the hub again, or use a broker token",
+        )
+    if not hub.may_use_service(user):
+        scope = f"access:services!service={config.service_name}"
+        raise ApiError(
+            403,
+            "forbidden",
+            f"this JupyterHub token of {user.name[:64]!r} may not use the service "
+            f"{config.service_name!r}: it lacks the scope {scope}. Add the scope to "
+            "c.Spawner.server_token_scopes and to the users' role in jupyterhub_config.py "
+            "(docs/jupyterhub.md), then restart the user's server",
+        )
+    if not USER_NAME_RE.fullmatch(user.name):
+        raise ApiError(
+            403,
+            "bad_user",
+            f"JupyterHub user {user.name[:64]!r} cannot be a broker user: broker users own "
+            "kernels and become Unix logins on the GPU hosts, so a name is 1 to 32 of A-Z "
+            "a-z 0-9 _ . - starting with a letter or _. Have the hub's authenticator give "
+            "login names (e.g. c.Authenticator.username_map, or an OAuth username_claim such "
+            "as preferred_username instead of email); see docs/jupyterhub.md",
+        )
+    return Identity(user=user.name, role=hub.role_of(user), token_id="hub")
+
+
+def hub_failure(exc: BaseException) -> ApiError:
+    """The API's answer when the hub could not be asked: 503 while it is down, else 502."""
+    if isinstance(exc, HubUnreachable):
+        return ApiError(503, "hub_unreachable", f"{exc.message}: {exc.hint}")
+    if isinstance(exc, HubError):
+        message = f"{exc.message}: {exc.hint}" if exc.hint else exc.message
+        return ApiError(502, "hub_error", message)
+    return ApiError(500, "internal", INTERNAL_ERROR)
 
 
 @dataclass
@@ -184,6 +244,8 @@ def request_lease(call: Call) -> Reply:
     except LeaseRefused as exc:
         if exc.code == "queue_full":
             raise ApiError(429, "too_many_queued", exc.message) from None
+        if exc.code == "not_a_member":
+            raise ApiError(403, "not_a_member", exc.message) from None
         raise ApiError(400, "unknown_kind", exc.message) from None
     except NotYours as exc:
         raise ApiError(403, "forbidden", exc.message) from None

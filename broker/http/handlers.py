@@ -22,7 +22,17 @@ import tornado.web
 from broker.core.leases import Lease
 from broker.http import calls
 from broker.http.auth import Identity
-from broker.http.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError, Call, Reply, authenticate
+from broker.http.calls import (
+    INTERNAL_ERROR,
+    JSON_HEADERS,
+    ApiError,
+    Call,
+    Reply,
+    authenticate,
+    bearer,
+    hub_failure,
+)
+from broker.http.hub_identity import HubIdentities, look_up
 from broker.http.routes import log_access
 from broker.http.views import lease_json, status_json
 from broker.service.service import BrokerService
@@ -46,16 +56,26 @@ class BaseHandler(tornado.web.RequestHandler):
 
     service: BrokerService
     identity: Identity
+    hub: HubIdentities | None = None
+    fresh_groups = False  # True: the hub's groups as of this request (lease requests)
 
-    def initialize(self, service: BrokerService) -> None:
+    def initialize(self, service: BrokerService, hub: HubIdentities | None = None) -> None:
         self.service = service
+        self.hub = hub
 
     def set_default_headers(self) -> None:
         for name, value in JSON_HEADERS.items():
             self.set_header(name, value)
 
-    def prepare(self) -> None:
-        self.identity = authenticate(self.service, self.request.headers.get("Authorization", ""))
+    async def prepare(self) -> None:
+        header = self.request.headers.get("Authorization", "")
+        lookup = look_up(self.hub, bearer(header), self.fresh_groups)
+        if lookup.wait is not None:
+            try:
+                lookup.user = await lookup.wait
+            except Exception as exc:
+                raise hub_failure(exc) from None
+        self.identity = authenticate(self.service, header, self.hub, lookup)
 
     def call(self) -> Call:
         return Call(self.service, self.identity, self.request.body)
@@ -120,6 +140,8 @@ class BaseHandler(tornado.web.RequestHandler):
 class LeasesHandler(BaseHandler):
     """POST /api/v1/leases: ask for a slot (``broker.http.routes`` serves it in the broker)."""
 
+    fresh_groups = True
+
     def post(self) -> None:
         self.reply(calls.request_lease(self.call()))
 
@@ -166,8 +188,8 @@ class WhoamiHandler(BaseHandler):
 
 
 class NotFoundHandler(BaseHandler):
-    def prepare(self) -> None:
-        super().prepare()
+    async def prepare(self) -> None:
+        await super().prepare()
         raise ApiError(404, "not_found", f"no such endpoint: {self.request.path}")
 
 

@@ -6,14 +6,16 @@
 
 from __future__ import annotations
 
+from broker.http.hub_identity import CacheStats
 from broker.service.metrics import WAIT_BUCKETS
 from broker.service.service import BrokerService
 
 SLOT_STATES = ("free", "busy", "drained", "fencing", "unreachable")
 
 
-def render(service: BrokerService) -> str:
-    """Prometheus exposition format (text 0.0.4)."""
+def render(service: BrokerService, hub: CacheStats | None = None) -> str:
+    """Prometheus exposition format (text 0.0.4). ``hub``: the hub identity cache's counters,
+    when the config names a hub."""
     m = service.metrics
     live = len(service.scheduler.leases()) - service.scheduler.queue_length
     by_state = dict.fromkeys(SLOT_STATES, 0)
@@ -49,4 +51,19 @@ def render(service: BrokerService) -> str:
         "# TYPE gpu_broker_fencing_failures_total counter",
         f"gpu_broker_fencing_failures_total {m.fence_failures}",
     ]
+    if hub is not None:
+        out += [
+            "# HELP gpu_broker_hub_identity_lookups_total Hub tokens authenticated, answered "
+            "from the cache (hit) or by asking the hub (miss).",
+            "# TYPE gpu_broker_hub_identity_lookups_total counter",
+            f'gpu_broker_hub_identity_lookups_total{{result="hit"}} {hub.hits}',
+            f'gpu_broker_hub_identity_lookups_total{{result="miss"}} {hub.misses}',
+            "# HELP gpu_broker_hub_calls_total Calls to the hub's REST API, by what they asked.",
+            "# TYPE gpu_broker_hub_calls_total counter",
+            f'gpu_broker_hub_calls_total{{call="user"}} {hub.hub_calls}',
+            f'gpu_broker_hub_calls_total{{call="groups"}} {hub.group_fetches}',
+            "# HELP gpu_broker_hub_failures_total Hub calls that failed (hub down or refusing).",
+            "# TYPE gpu_broker_hub_failures_total counter",
+            f"gpu_broker_hub_failures_total {hub.hub_failures}",
+        ]
     return "\n".join(out) + "\n"

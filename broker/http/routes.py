@@ -11,6 +11,7 @@ included, go to the application, so 404s and 405s read as before.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -26,6 +27,7 @@ from tornado.escape import url_unescape
 
 from broker.http import calls
 from broker.http.calls import INTERNAL_ERROR, JSON_HEADERS, ApiError, Call, Reply
+from broker.http.hub_identity import HubIdentities, Lookup, look_up
 from broker.service.service import BrokerService
 
 __all__ = ["ApiRouter", "LeaseCall", "log_access"]
@@ -44,24 +46,33 @@ _HOT: tuple[tuple[str, re.Pattern[str], Endpoint], ...] = (
 class ApiRouter(tornado.routing.Router):
     """What ``BrokerServer`` serves: ``LeaseCall`` for the hot calls, ``app`` for the rest."""
 
-    def __init__(self, service: BrokerService, app: tornado.web.Application) -> None:
+    def __init__(
+        self,
+        service: BrokerService,
+        app: tornado.web.Application,
+        hub: HubIdentities | None = None,
+    ) -> None:
         self.service = service
         self.app = app
+        self.hub = hub
 
     def find_handler(
         self, request: httputil.HTTPServerRequest, **kwargs: object
     ) -> httputil.HTTPMessageDelegate | None:
+        if self.hub is not None and self.hub.enabled:
+            strip_service_prefix(request, self.hub.config.service_prefix)
         for method, pattern, endpoint in _HOT:
             if request.method == method:
                 match = pattern.match(request.path)
                 if match is not None:
-                    return LeaseCall(self.service, request, endpoint, match.groups())
+                    return LeaseCall(self.service, request, endpoint, match.groups(), self.hub)
         return self.app.find_handler(request, **kwargs)
 
 
 class LeaseCall(httputil.HTTPMessageDelegate):
-    """One hot call: read the body, run the endpoint (once no COMMIT runs), answer once its
-    writes are on disk."""
+    """One hot call: read the body, ask the hub if the token needs it (a cache miss, or a lease
+    request's fresh classes), run the endpoint (once no COMMIT runs), answer once its writes are
+    on disk."""
 
     def __init__(
         self,
@@ -69,11 +80,15 @@ class LeaseCall(httputil.HTTPMessageDelegate):
         request: httputil.HTTPServerRequest,
         endpoint: Endpoint,
         raw_args: tuple[str, ...],
+        hub: HubIdentities | None = None,
     ) -> None:
         self.service = service
         self.request = request
         self.endpoint = endpoint
         self.raw_args = raw_args
+        self.hub = hub
+        self.lookup: Lookup | None = None
+        self.failure: ApiError | None = None
         self.chunks: list[bytes] = []
 
     def data_received(self, chunk: bytes) -> None:
@@ -81,11 +96,34 @@ class LeaseCall(httputil.HTTPMessageDelegate):
 
     def finish(self) -> None:
         self.request.body = b"".join(self.chunks)
+        if self.hub is not None:
+            header = self.request.headers.get("Authorization", "")
+            fresh = self.endpoint is calls.request_lease
+            self.lookup = look_up(self.hub, calls.bearer(header), fresh)
+            if self.lookup.wait is not None:
+                asyncio.ensure_future(self.lookup.wait).add_done_callback(self._looked_up)
+                return
+        self._when_idle()
+
+    def _looked_up(self, future: asyncio.Future) -> None:
+        assert self.lookup is not None
+        exc = future.exception()
+        if exc is not None:
+            self.failure = calls.hub_failure(exc)
+            if self.failure.status == 500:
+                log.error("hub lookup failed", exc_info=exc)
+        else:
+            self.lookup.user = future.result()
+        self._when_idle()
+
+    def _when_idle(self) -> None:
         if not self.service.store.when_idle(self._answer):
             self._answer()  # else after the COMMIT in flight: the loop serves others meanwhile
 
     def _answer(self) -> None:
         try:
+            if self.failure is not None:
+                raise self.failure
             reply = self._run()
         except ApiError as exc:
             reply = Reply(exc.status, exc.body())
@@ -104,7 +142,7 @@ class LeaseCall(httputil.HTTPMessageDelegate):
     def _run(self) -> Reply:
         args = [_path_arg(raw) for raw in self.raw_args]
         header = self.request.headers.get("Authorization", "")
-        identity = calls.authenticate(self.service, header)
+        identity = calls.authenticate(self.service, header, self.hub, self.lookup)
         return self.endpoint(Call(self.service, identity, self.request.body), *args)
 
     def _write(self, reply: Reply) -> None:
@@ -127,6 +165,17 @@ class LeaseCall(httputil.HTTPMessageDelegate):
         except tornado.iostream.StreamClosedError:
             return  # the client left; the call's effect stands
         log_access(reply.status, self.request)
+
+
+def strip_service_prefix(request: httputil.HTTPServerRequest, prefix: str) -> None:
+    """Serve ``PREFIX/...`` as ``/...``: the hub's proxy routes ``/services/NAME/`` to the broker
+    unchanged, so the API and the dashboard answer there too (``request.service_prefix`` keeps
+    it for the dashboard's links; "" when the request came straight)."""
+    path = request.path
+    if path == prefix or path.startswith(prefix + "/"):
+        request.path = path[len(prefix) :] or "/"
+        request.uri = request.uri[len(prefix) :] or "/"
+        request.service_prefix = prefix  # type: ignore[attr-defined]
 
 
 def _path_arg(raw: str) -> str:

@@ -18,7 +18,7 @@ import dataclasses
 import datetime
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import tornado.locks
 import tornado.util
@@ -100,7 +100,9 @@ class BrokerService:
         max_leases_per_user: int | None = None,
         work: HostWork | None = None,
     ) -> None:
-        self.config = config
+        self.config = config  # in effect: the file's, with the hub groups' members added
+        self.base_config = config  # as loaded from the file
+        self._hub_members: dict[str, frozenset[str]] = {}
         self.store = store
         self.clock = clock
         self.metrics = Metrics()
@@ -257,22 +259,38 @@ class BrokerService:
         self._apply(ResetSlot(slot_id, now), extra)
         return self.slot_state(slot_id)
 
-    def reconfigure(self, config: Config) -> None:
+    @property
+    def hub_members(self) -> Mapping[str, frozenset[str]]:
+        """Hub group -> its users, as last set (``set_hub_members``)."""
+        return self._hub_members
+
+    def set_hub_members(self, members: Mapping[str, frozenset[str]]) -> bool:
+        """The users of the hub groups the config names (``broker.http.hub_identity``): the
+        groups bound to them (``hub_group``, ``teacher_hub_group``) get them as members and
+        teachers at once, no reload. False when nothing changed."""
+        if dict(members) == self._hub_members:
+            return False
+        self._hub_members = dict(members)
+        self.reconfigure(self.base_config, why="hub_groups_changed")
+        return True
+
+    def reconfigure(self, config: Config, why: str = "reconfigured") -> None:
         """Swap in a new (checked) config without dropping a lease (``gpu-broker reload``)."""
+        base, config = config, config.with_hub_members(self._hub_members)
         now = self.clock()
         policy = scheduler_policy(config, self._max_per_user)
         event = Reconfigure(tuple(self._slot_states(config)), policy, config.groups, now)
 
         def extra(_: list[Decision]) -> None:
-            self.store.log(now, "reconfigured", hosts=len(config.hosts), slots=len(config.slots))
+            self.store.log(now, why, hosts=len(config.hosts), slots=len(config.slots))
 
-        old, old_index = self.config, self._slot_index
-        self.config = config  # views of the decisions need the new slots
+        old, old_index, old_base = self.config, self._slot_index, self.base_config
+        self.config, self.base_config = config, base  # views of the decisions need the new slots
         self._slot_index = {slot.id: slot for slot in config.slots}
         try:
             self._apply(event, extra)
         except BaseException:
-            self.config, self._slot_index = old, old_index
+            self.config, self._slot_index, self.base_config = old, old_index, old_base
             self._reload_scheduler()  # with the old config's slots again
             raise
 

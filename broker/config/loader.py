@@ -11,12 +11,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from broker.config.groups import check_groups
 from broker.config.hosts import HostConfig, HostsChecker, SlotConfig
-from broker.config.policy import PolicyConfig, check_policy
+from broker.config.policy import PolicyConfig, check_policy, release_problems
 from broker.config.toml_check import LineIndex, syntax_issue
 from broker.core.groups import ClassSession as ClassSession  # re-exported: config's names
 from broker.core.groups import GroupConfig
@@ -145,7 +145,13 @@ class _Checker(HostsChecker):
         elif hosts is None:
             kinds = None  # hosts have problems of their own: do not pile kind errors on them
         groups = check_groups(self, data, kinds, slot_kinds)
-        if server is None or policy is None or hosts is None or groups is None:
+        if policy is not None and groups is not None:
+            values = asdict(policy)
+            for i, group in enumerate(groups):
+                if group.release_after_cell is not None:
+                    for why in release_problems(group.release_after_cell, values):
+                        self.issue(("groups", i, "release_after_cell"), why)
+        if self.issues or server is None or policy is None or hosts is None or groups is None:
             return None
         return Config(path=path, server=server, policy=policy, hosts=hosts, groups=groups)
 

@@ -46,6 +46,7 @@ class GroupConfig:
     gpu_hours_per_day: float | None = None
     priority: int = 0
     sessions: tuple[ClassSession, ...] = ()
+    release_after_cell: float | None = None  # overrides Policy.release_after_cell; None: inherit
 
     def allows(self, kind: str) -> bool:
         """True when members of this group may lease a slot of ``kind``."""

@@ -28,6 +28,7 @@ class Policy:
     busy_grace: float = 60.0  # a "quota" or "max_lease" order: seconds for the cell to end
     max_queued_per_user: int = 3  # requests one user may have waiting at once
     aging_after: float | None = None  # None: 4 x idle_suspend_when_queued, at least 2 min
+    release_after_cell: float | None = None  # per-cell binding while others wait; None: off
     groups: tuple[GroupConfig, ...] = ()
 
     @property

@@ -73,6 +73,25 @@ def test_while_others_wait_an_idle_kernel_goes_after_its_cell_and_a_busy_one_sta
     assert s.handle(Release("1", 1013.0, "suspended"))[-1] == Granted("4", "s0")
 
 
+def test_a_kernel_woken_for_a_cell_is_not_released_before_that_cell_ran() -> None:
+    """The grant comes before the resume (seconds of launch and restore): per-cell binding counts
+    from the end of a cell run on this lease, so the cell that woke the kernel runs first."""
+    s = Scheduler([SlotState("s0", "h1", "a")], PER_CELL)
+    s.handle(req("1", "ann"))
+    s.handle(Heartbeat("1", 50.0, busy=False, last_activity=50.0))
+    s.handle(req("2", "bob", now=60.0))
+    assert s.handle(Tick(61.0)) == [SuspendIdle("1", "after_cell")]
+    # ann's kernel saved; bob's cell (asked at 60) gets the slot at 70 and wakes his kernel
+    assert s.handle(Release("1", 70.0, "suspended"))[-1] == Granted("2", "s0")
+    s.handle(req("3", "ann", now=71.0))  # ann's next cell waits
+    s.handle(Heartbeat("2", 75.0, busy=False, last_activity=60.0))  # still waking
+    assert s.handle(Tick(85.0)) == []  # 15 s after the grant: bob's cell has not run yet
+    s.handle(Heartbeat("2", 86.0, busy=True, last_activity=86.0))  # it runs
+    s.handle(Heartbeat("2", 90.0, busy=False, last_activity=89.0))  # and ends at 89
+    assert s.handle(Tick(98.0)) == []
+    assert s.handle(Tick(99.0)) == [SuspendIdle("2", "after_cell")]
+
+
 def test_without_a_queue_or_with_the_policy_off_the_kernel_keeps_its_gpu() -> None:
     s = Scheduler([SlotState("s0", "h1", "a")], PER_CELL)
     s.handle(req("1", "ann"))

@@ -8,6 +8,7 @@ and exits 1; never a traceback. Usage errors exit 2 (argparse).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `gpu-broker status | head`: the reader had enough
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            # the interpreter flushes stdout at exit: into nothing now, not into the pipe
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ import tornado.netutil
 from broker.config.loader import Config
 from broker.errors import ConfigError
 from broker.http.app import make_app, make_router
-from broker.http.front import HttpProtocol
+from broker.http.front import LISTEN_BACKLOG, Connections, HttpProtocol
 from broker.service.reload import reload_config
 from broker.service.service import BrokerService
 from broker.store.sqlite import Store
@@ -56,7 +56,7 @@ class BrokerServer:
         self.clock = clock
         self.service: BrokerService | None = None
         self._listeners: list[asyncio.Server] = []
-        self._connections: set[HttpProtocol] = set()
+        self._connections = Connections()  # the caps and budget its connections share
         self._ticker: tornado.ioloop.PeriodicCallback | None = None
         self._store: Store | None = None
         self._thread: threading.Thread | None = None
@@ -85,6 +85,7 @@ class BrokerServer:
             server = await loop.create_server(
                 lambda: HttpProtocol(front, self._connections), sock=sock
             )
+            sock.listen(LISTEN_BACKLOG)  # the kernel queues a class; asyncio accepts 100 a tick
             self._listeners.append(server)
         self._ticker = tornado.ioloop.PeriodicCallback(
             self._tick, self.tick_interval * 1000, jitter=0

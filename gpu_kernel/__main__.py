@@ -6,6 +6,7 @@ python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint --host NA
 python -m gpu_kernel ctl KERNEL_ID watch --host NAME   # a status line a second until it ends
 python -m gpu_kernel ctl KERNEL_ID fence --host NAME [--grace S]   # save (SAVE_SIGNAL), then kill
 python -m gpu_kernel fence [--as-self]            # the fencing account's forced command (fence.py)
+python -m gpu_kernel warm --host-dir DIR --owner USER [--idle S] [--preload MOD]  # warm.py
 python -m gpu_kernel probe                        # GPUs and MIG devices (NVML), one JSON line
 python -m gpu_kernel kernel -f CONNFILE           # the kernel itself (the launcher runs it)
 """
@@ -54,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
         help="default: $SHARED_GPU_RUNTIME_ROOT or ~/.local/share/jupyter-shared-gpu/kernels",
     )
     sub.add_parser("probe", help="list GPUs and MIG devices (NVML) as one JSON line")
+    warm = sub.add_parser("warm", help="a warm interpreter for one user (the launcher starts it)")
+    warm.add_argument("--host-dir", required=True, help="<runtime root>/<host name>")
+    warm.add_argument("--owner", required=True, help="the broker user it serves")
+    warm.add_argument("--idle", type=float, default=1800.0, help="exit after this long unused")
+    warm.add_argument("--preload", action="append", default=[], help="a module to import")
     kernel = sub.add_parser("kernel", help="run the IPython kernel (started by `launch`)")
     kernel.add_argument("-f", dest="connection_file", required=True)
     return p
@@ -72,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args.connection_file, rest)
     if rest:
         _parser().error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "warm":
+        from gpu_kernel.warm import main as warm_main
+
+        return warm_main(args.host_dir, args.owner, args.idle, args.preload)
     if args.command == "probe":
         from gpu_kernel.probe import main as probe_main
 

@@ -1,46 +1,54 @@
 """Checkpoint and restore of a kernel's user namespace (suspend/resume).
 
-A checkpoint is a 0700 directory of 0600 files, published atomically (written in a temp dir beside
-it, fsync'd, renamed into place)::
+A checkpoint is a 0700 directory holding one 0600 file, published atomically (written in a temp
+dir beside it, fsync'd, renamed into place)::
 
     manifest.json  {"manifest": {...}, "hmac": HMAC-SHA256(key, canonical JSON of "manifest")}
-    defs.pkl       functions and classes defined in the notebook (dill payloads in a pickle stream)
-    torch.pt       one torch.save of all tensors, modules, optimizers (shared storage stays shared)
-    objects.pkl    every other variable, one pickle per variable with a shared memo
 
-The manifest lists each file with its size and HMAC-SHA256 keyed with the kernel's session key,
-computed while the file is written. :func:`load_namespace` verifies the manifest and every file
-(one read pass, into memory) before it unpickles anything. Torch is imported only if the namespace
-holds torch objects (save) or the checkpoint has a torch file (load).
+The data lives in a content-addressed blob store (:mod:`gpu_kernel.checkpoint_blobs`) that the
+manifest names relative to itself: ``../.blobs`` by default, ``../../.blobs/<owner>`` for a
+kernel's runtime dir (``<root>/<host>/<kernel_id>/checkpoint``), so one user's kernels on one
+host share blobs and a save writes only the blobs that are not there yet: a tensor or variable
+that did not change since the last save is not written again. The manifest (keyed with the
+kernel's session key) lists the digest of every blob; :func:`load_namespace` checks it, then
+reads each blob once, checking its digest, before it unpickles anything. Torch is imported only
+if the namespace holds tensors (save) or the checkpoint has some (load).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
 import hmac
-import importlib
-import io
 import json
 import os
-import pickle
 import re
 import shutil
 import sys
 import time
 import types
-from collections.abc import Container
-from dataclasses import dataclass, replace
+from collections.abc import Container, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpu_kernel import checkpoint_blobs as blobs
 from gpu_kernel import checkpoint_io as cio
+from gpu_kernel import checkpoint_modules as cmod
 from gpu_kernel import checkpoint_pickle as cp
-from gpu_kernel.errors import SharedGPUError
+from gpu_kernel.checkpoint_blobs import (
+    MANIFEST,
+    STORE_DIR,
+    CheckpointError,
+    blob_store,
+    runtime_store,
+    store_of,
+)
+from gpu_kernel.checkpoint_load import BlobsUnreadable, Loader
+from gpu_kernel.checkpoint_save import ItemSink, NamespacePickler
 
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-# torch files: verified through a small buffer, then torch.load(mmap=True) from the page cache
-# (no copy); False reads them into memory once and loads from there (one more copy).
-TORCH_LOAD_MMAP = True
+FORMAT_VERSION = 2  # 2: content-addressed blobs, one pickle per variable or group
 _MAX_MANIFEST = 256 << 20
 
 # IPython's own names in user_ns (the kernel also passes shell.user_ns_hidden as ``hidden``).
@@ -66,16 +74,12 @@ IPYTHON_NAMES = frozenset(
 _SKIP_RE = re.compile(r"_i\d+|_\d+|__\w+__")
 
 
-class CheckpointError(SharedGPUError):
-    """A checkpoint is missing, tampered with, foreign (another kernel's) or can't be written."""
-
-
 @dataclass(frozen=True)
 class SavedVariable:
     name: str
     type_name: str
     bytes: int
-    storage: str  # "defs", "objects", "torch" or "torch:<file>"
+    storage: str  # "defs" or "objects"
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,9 @@ class Manifest:
     imports: dict[str, str]
     cwd: str | None
     execution_count: int
-    total_bytes: int
+    total_bytes: int  # of every blob the checkpoint needs
+    written_bytes: int = 0  # of the blobs this save wrote (the rest were in the store already)
+    notes: list[str] = field(default_factory=list)  # from a load: e.g. a module copied here
 
     def summary(self) -> str:
         """One line: counts and size, e.g. "14 variables and 3 imports, 1.0 GiB; 2 not saved"."""
@@ -123,6 +129,27 @@ def is_saved_name(name: str, hidden: Container[str] = ()) -> bool:
     return not (name in hidden or name in IPYTHON_NAMES or _SKIP_RE.fullmatch(name))
 
 
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic GC: a save or load makes many short-lived containers (freed by their
+    refcounts), and every collection would walk the whole heap of a big notebook again."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+# The GMAC tags of each kernel's last save or load (by session key), reused for unchanged blobs.
+_TAGS: dict[bytes, dict[str, list[str]]] = {}
+
+
+def _key_id(key: bytes) -> bytes:
+    return hashlib.sha256(b"jupyter-shared-gpu/key-id\0" + key).digest()
+
+
 def _as_key(key: bytes | str) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
 
@@ -138,20 +165,22 @@ def save_namespace(
     hidden: Container[str] = (),
     execution_count: int = 0,
     cwd: str | None = None,
+    store: Path | None = None,
 ) -> Manifest:
-    """Save the user variables of ``ns`` to ``directory`` (replacing a checkpoint there).
+    """Save the user variables of ``ns`` to ``directory`` (replacing a checkpoint there), their
+    data to the blob store ``store`` (default ``<directory>/../.blobs``).
 
-    Variables that can't be saved are listed in ``Manifest.dropped`` with a reason; nothing raises
-    for them. Raises :class:`CheckpointError` if the checkpoint itself can't be written.
+    Blobs already in the store are not written again (``Manifest.written_bytes`` says what
+    was). Variables that can't be saved are listed in ``Manifest.dropped`` with a reason;
+    nothing raises for them. Raises :class:`CheckpointError` if the checkpoint can't be written.
     """
-    directory, key = Path(directory), _as_key(key)
-    saved: list[SavedVariable] = []
-    dropped: list[DroppedVariable] = []
+    directory, key = Path(directory).absolute(), _as_key(key)
+    root = Path(store).absolute() if store is not None else directory.parent / STORE_DIR
+    bstore = blob_store(directory, root)
     imports: dict[str, str] = {}
+    dropped: list[DroppedVariable] = []
     defs: list[tuple[str, Any]] = []
     objects: list[tuple[str, Any]] = []
-    torch_types = cp.torch_classes()
-    state = cp.SaveState(ns, torch_types)
     for name, value in list(ns.items()):
         if not is_saved_name(name, hidden):
             continue
@@ -165,9 +194,6 @@ def save_namespace(
                 )
         elif (label := cp.unsaveable_label(value)) is not None:
             dropped.append(DroppedVariable(name, cp.type_name(value), f"{label} cannot be saved"))
-        elif torch_types and isinstance(value, torch_types):
-            state.torch_keys[id(value)] = name
-            state.torch_objs[name] = value
         elif isinstance(value, types.FunctionType | type) and cp._needs_dill(value):
             defs.append((name, value))
         else:
@@ -180,31 +206,43 @@ def save_namespace(
             "check that the directory exists, is writable and its disk is not full",
         ) from exc
     try:
-        files: dict[str, dict[str, Any]] = {}
-        streams = {
-            "defs": _write_stream(tmp, "defs.pkl", defs, state, key, saved, dropped, files),
-            "objects": _write_stream(
-                tmp, "objects.pkl", objects, state, key, saved, dropped, files, mode="objects"
-            ),
-        }
-        torch_files: dict[str, list[str]] = {}
-        if state.torch_objs:  # after objects: they add the torch objects they hold
-            torch_files = _write_torch(tmp, key, state, saved, dropped, files)
-        manifest = Manifest(
-            version=FORMAT_VERSION,
-            created_at=time.time(),
-            variables=saved,
-            dropped=dropped,
-            imports=imports,
-            cwd=cwd if cwd is not None else os.getcwd(),
-            execution_count=execution_count,
-            total_bytes=sum(f["bytes"] for f in files.values()),
-        )
-        body = _manifest_json(manifest) | {"files": files, "streams": streams, "torch": torch_files}
-        canonical = _canonical(body)
-        doc = {"manifest": body, "hmac": cio.manifest_mac(key, canonical)}
-        cio.write_small(tmp, MANIFEST, json.dumps(doc, sort_keys=True).encode())
-        cio.publish(tmp, directory)
+        with _no_gc(), bstore.writing():
+            sink = ItemSink(bstore, key, _TAGS.get(_key_id(key)))
+            pickled = NamespacePickler(ns, sink).run(defs + objects)
+            dropped += [DroppedVariable(*d) for d in pickled.dropped]
+            modules = cmod.local_modules(
+                pickled.modules | set(imports.values()), lambda src: sink.add(src, kind="m")
+            )
+            used = [i for _n, _e, item, bufs in pickled.groups for i in (item, *bufs)]
+            used += [d for d, _loc, _n in pickled.storages.values()]
+            used += [m[3] for m in modules if m[3]]
+            sink.finish(used)
+            blob_list, loc = sink.locations(used)
+            manifest = Manifest(
+                version=FORMAT_VERSION,
+                created_at=time.time(),
+                variables=[SavedVariable(*v) for v in pickled.saved],
+                dropped=dropped,
+                imports=imports,
+                cwd=cwd if cwd is not None else os.getcwd(),
+                execution_count=execution_count,
+                total_bytes=sum(n for _, n in blob_list),
+                written_bytes=sink.written,
+            )
+            body = _manifest_json(manifest) | {
+                "store": os.path.relpath(root, directory),
+                "sys_path": [p for p in sys.path if isinstance(p, str)],
+                "blobs": blob_list,
+                "tags": {d: sink.tags[d] for d, _n in blob_list if d in sink.tags},
+                "groups": [[n, e, loc[i], [loc[b] for b in bs]] for n, e, i, bs in pickled.groups],
+                "storages": {k: [loc[d], where] for k, (d, where, _n) in pickled.storages.items()},
+                "modules": [[*m[:3], loc[m[3]] if m[3] else None, m[4]] for m in modules],
+            }
+            canonical = _canonical(body)
+            doc = _HEAD + cio.manifest_mac(key, canonical).encode() + _MID + canonical + b"}"
+            cio.write_small(tmp, MANIFEST, doc)
+            cio.publish(tmp, directory)
+            _TAGS[_key_id(key)] = body["tags"]
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, OSError):
@@ -213,120 +251,8 @@ def save_namespace(
                 "check free disk space and permissions of the checkpoint directory",
             ) from exc
         raise
+    bstore.sweep_now_and_then()
     return manifest
-
-
-def _write_stream(
-    tmp: Path,
-    fname: str,
-    items: list[tuple[str, Any]],
-    state: cp.SaveState,
-    key: bytes,
-    saved: list[SavedVariable],
-    dropped: list[DroppedVariable],
-    files: dict[str, dict[str, Any]],
-    mode: str = "defs",
-) -> list[list[Any]]:
-    """Pickle ``items`` one by one into one file; a failing variable is rolled back and dropped."""
-    if not items:
-        return []
-    w = cio.HashingWriter(tmp, fname, key)
-    p = cp.StreamPickler(w, state, mode)
-    entries: list[list[Any]] = []
-    with cp.main_as(state.ns):
-        for name, value in items:
-            p.root = value
-            error: BaseException | None = None
-            for attempt in (value, cp.dill_blob(value)):
-                start, log_len = w.mark(), len(state.log)
-                try:
-                    p.dump(attempt)
-                    error = None
-                    break
-                except Exception as exc:
-                    w.rollback()
-                    state.rollback(log_len)
-                    p.clear_memo()
-                    error = exc
-                    if isinstance(exc, cp.Unsaveable):
-                        break
-            if error is not None:
-                reason = cp.reason_from_exception(error)
-                dropped.append(DroppedVariable(name, cp.type_name(value), reason))
-                continue
-            end = w.tell()
-            entries.append([name, start, end])
-            saved.append(SavedVariable(name, cp.type_name(value), end - start, mode))
-    files[fname] = w.close()
-    return entries
-
-
-class _NullSink:
-    """A file that discards what torch.save writes (to find which torch object fails)."""
-
-    def write(self, data: Any) -> int:
-        return memoryview(data).nbytes
-
-    def flush(self) -> None:
-        pass
-
-
-def _write_torch(
-    tmp: Path,
-    key: bytes,
-    state: cp.SaveState,
-    saved: list[SavedVariable],
-    dropped: list[DroppedVariable],
-    files: dict[str, dict[str, Any]],
-) -> dict[str, list[str]]:
-    """One torch.save of every torch object; on failure drop the failing ones (or split files)."""
-    torch = sys.modules["torch"]
-    pm = cp.torch_pickle_module(state)
-
-    def write(fname: str, objs: dict[str, Any]) -> None:
-        w = cio.HashingWriter(tmp, fname, key, alg="gmac-aes256")
-        try:
-            torch.save(objs, w, pickle_module=pm, pickle_protocol=4)
-            files[fname] = w.close()
-        except BaseException:
-            w.discard(tmp)
-            raise
-
-    objs = dict(state.torch_objs)
-    layout: dict[str, list[str]] = {}
-    try:
-        write("torch.pt", objs)
-        layout["torch.pt"] = list(objs)
-    except Exception:
-        good: dict[str, Any] = {}
-        for k, obj in objs.items():
-            try:
-                torch.save({k: obj}, _NullSink(), pickle_module=pm, pickle_protocol=4)
-                good[k] = obj
-            except Exception as exc:
-                if not k.startswith("#"):
-                    reason = cp.reason_from_exception(exc)
-                    dropped.append(DroppedVariable(k, cp.type_name(obj), reason))
-        objs = good
-        try:
-            write("torch.pt", objs)
-            layout["torch.pt"] = list(objs)
-        except Exception:
-            for i, (k, obj) in enumerate(list(objs.items())):
-                try:
-                    write(f"torch-{i}.pt", {k: obj})
-                    layout[f"torch-{i}.pt"] = [k]
-                except Exception as exc:
-                    del objs[k]
-                    if not k.startswith("#"):
-                        reason = cp.reason_from_exception(exc)
-                        dropped.append(DroppedVariable(k, cp.type_name(obj), reason))
-    for _fname, names in layout.items():
-        for k in names:
-            if not k.startswith("#"):
-                obj = objs[k]
-                saved.append(SavedVariable(k, cp.type_name(obj), cp.torch_nbytes(obj), "torch"))
-    return layout
 
 
 def _manifest_json(m: Manifest) -> dict[str, Any]:
@@ -339,7 +265,20 @@ def _manifest_json(m: Manifest) -> dict[str, Any]:
         "cwd": m.cwd,
         "execution_count": m.execution_count,
         "total_bytes": m.total_bytes,
+        "written_bytes": m.written_bytes,
     }
+
+
+_HEAD, _MID = b'{"hmac": "', b'", "manifest": '  # manifest.json as written: MAC, then body
+
+
+def _split_manifest(raw: bytes) -> tuple[bytes, bytes | None]:
+    """(MAC, canonical body) of a manifest file as :func:`save_namespace` writes it, else
+    (b"", None)."""
+    start = len(_HEAD) + 64 + len(_MID)
+    if raw.startswith(_HEAD) and raw[len(_HEAD) + 64 : start] == _MID and raw.endswith(b"}"):
+        return raw[len(_HEAD) : len(_HEAD) + 64], raw[start:-1]
+    return b"", None
 
 
 def _canonical(body: dict[str, Any]) -> bytes:
@@ -376,17 +315,24 @@ def read_manifest(directory: Path, key: bytes) -> dict[str, Any]:
         ) from exc
     with os.fdopen(fd, "rb") as f:
         raw = f.read(_MAX_MANIFEST + 1)
-    try:
-        doc = json.loads(raw)
-        body, mac = doc["manifest"], doc["hmac"]
-        ok = isinstance(body, dict) and isinstance(mac, str)
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if (
-        not ok
-        or len(raw) > _MAX_MANIFEST
-        or not hmac.compare_digest(cio.manifest_mac(key, _canonical(body)), mac)
-    ):
+    if len(raw) > _MAX_MANIFEST:
+        raise _integrity_error(directory)
+    mac, canonical = _split_manifest(raw)
+    good = canonical is not None and hmac.compare_digest(
+        cio.manifest_mac(key, canonical).encode(), mac
+    )
+    if good:
+        body = json.loads(canonical or b"")  # as written: the bytes checked, then parsed
+    else:  # re-encoded by someone (or not ours): check its canonical form
+        try:
+            doc = json.loads(raw)
+            body, text = doc["manifest"], doc["hmac"]
+            ok = isinstance(body, dict) and isinstance(text, str)
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        if not ok or not hmac.compare_digest(cio.manifest_mac(key, _canonical(body)), text):
+            raise _integrity_error(directory)
+    if not isinstance(body, dict):
         raise _integrity_error(directory)
     if body.get("version") != FORMAT_VERSION:
         raise CheckpointError(
@@ -395,6 +341,88 @@ def read_manifest(directory: Path, key: bytes) -> dict[str, Any]:
             "install the same jupyter-shared-gpu version on every GPU host",
         )
     return body
+
+
+def load_namespace(
+    directory: Path,
+    key: bytes,
+    *,
+    device: str | None = None,
+    namespace: dict[str, Any] | None = None,
+    modules_dir: Path | None = None,
+) -> tuple[dict, Manifest]:
+    """Verify and load the checkpoint at ``directory``; return (variables, manifest).
+
+    Everything is verified before anything is unpickled: a tampered, foreign (other key) or
+    unreadable checkpoint, or one whose blob is missing or damaged, raises
+    :class:`CheckpointError`, loads nothing and leaves the checkpoint as it was.
+
+    ``namespace``: the dict to restore into, and the globals of restored notebook functions (pass
+    the shell's ``user_ns``). Default: a new dict, which is returned.
+
+    ``device``: where tensors that were on an accelerator go. None: the CUDA device they were on
+    if it exists here, else the current CUDA device (the new slot), else the CPU. A string such as
+    "cuda:0" or "cpu": that device. Tensors saved on the CPU stay on the CPU.
+
+    The working directory and ``sys.path`` come back first, then local modules (a saved copy is
+    written to ``modules_dir``, default a new temp dir, when the file is not on this host), then
+    imports, then the variables. The returned manifest lists the variables restored, in
+    ``dropped`` those not saved plus those that failed to restore, each alone with its reason,
+    and in ``notes`` what else the user should know.
+    """
+    with _no_gc():
+        return _load(Path(directory).absolute(), _as_key(key), device, namespace, modules_dir)
+
+
+def _load(
+    directory: Path,
+    key: bytes,
+    device: str | None,
+    namespace: dict[str, Any] | None,
+    modules_dir: Path | None,
+) -> tuple[dict, Manifest]:
+    body = read_manifest(directory, key)
+    try:
+        loader = Loader(body, store_of(directory, body), device, key)
+        loader.read_all()
+        _TAGS[_key_id(key)] = body["tags"]
+    except BlobsUnreadable as exc:
+        err = exc.error
+        what = (
+            "is incomplete"
+            if err.problem == blobs.MISSING
+            else "failed its integrity check (changed or damaged on disk)"
+        )
+        raise CheckpointError(
+            f"checkpoint at {directory} {what}: its blob {err.digest[:16]}… in "
+            f"{exc.store.root} {err.problem}",
+            "nothing was loaded and the checkpoint is kept as it is; if the kernel moved between "
+            "hosts, the copy may have been cut short: run the cell again, else restart the kernel",
+        ) from None
+    except (KeyError, ValueError, TypeError):
+        raise _integrity_error(directory) from None
+    target: dict[str, Any] = {} if namespace is None else namespace
+    restored, failed, notes = loader.build(target, modules_dir)
+    saved = _manifest_from(body)
+    by_name = {v.name: v for v in saved.variables}
+    dropped = list(saved.dropped)
+    for name, reason in failed:
+        v = by_name.get(name)
+        kind = "directory" if name == "(working directory)" else (v.type_name if v else "module")
+        dropped.append(DroppedVariable(name, kind, reason))
+    ok = [by_name[n] for n in restored if n in by_name]
+    return target, Manifest(
+        saved.version,
+        saved.created_at,
+        ok,
+        dropped,
+        {n: m for n, m in saved.imports.items() if n in target},
+        saved.cwd,
+        saved.execution_count,
+        saved.total_bytes,
+        saved.written_bytes,
+        notes,
+    )
 
 
 def _manifest_from(body: dict[str, Any]) -> Manifest:
@@ -407,163 +435,22 @@ def _manifest_from(body: dict[str, Any]) -> Manifest:
         cwd=body["cwd"],
         execution_count=body["execution_count"],
         total_bytes=body["total_bytes"],
+        written_bytes=body.get("written_bytes", 0),
     )
 
 
-def load_namespace(
-    directory: Path,
-    key: bytes,
-    *,
-    device: str | None = None,
-    namespace: dict[str, Any] | None = None,
-) -> tuple[dict, Manifest]:
-    """Verify and load the checkpoint at ``directory``; return (variables, manifest).
-
-    Everything is verified before anything is unpickled; a tampered, foreign (other key) or
-    unreadable checkpoint raises :class:`CheckpointError` and loads nothing.
-
-    ``namespace``: the dict to restore into, and the globals of restored notebook functions (pass
-    the shell's ``user_ns``). Default: a new dict, which is returned.
-
-    ``device``: where tensors that were on an accelerator go. None: the CUDA device they were on
-    if it exists here, else the current CUDA device (the new slot), else the CPU. A string such as
-    "cuda:0" or "cpu": that device. Tensors saved on the CPU stay on the CPU.
-
-    The returned manifest lists the variables restored, and in ``dropped`` those not saved plus
-    those that failed to restore (an import that fails, a missing class...). The working directory
-    is restored if it exists here (else a ``(working directory)`` entry in ``dropped`` says so).
-    """
-    directory, key = Path(directory), _as_key(key)
-    body = read_manifest(directory, key)
-    blobs: dict[str, bytearray | int] = {}  # pickle streams in memory; torch files as open fds
-    try:
-        try:
-            for fname, info in body["files"].items():
-                if not re.fullmatch(r"[\w-]+\.\w+", fname):
-                    raise _integrity_error(directory)
-                path = directory / fname
-                mmap = TORCH_LOAD_MMAP and fname.endswith(".pt")
-                blob = (cio.open_verified if mmap else cio.read_verified)(path, info, key)
-                if blob is None:
-                    raise _integrity_error(directory)
-                blobs[fname] = blob
-        except (OSError, KeyError, ValueError, TypeError):
-            raise _integrity_error(directory) from None
-        return _load_verified(body, blobs, device, namespace)
-    finally:
-        for blob in blobs.values():
-            if isinstance(blob, int):
-                os.close(blob)
-
-
-def _load_verified(
-    body: dict[str, Any],
-    blobs: dict[str, Any],
-    device: str | None,
-    namespace: dict[str, Any] | None,
-) -> tuple[dict, Manifest]:
-    saved = _manifest_from(body)
-    target: dict[str, Any] = {} if namespace is None else namespace
-    ok: list[SavedVariable] = []
-    dropped = list(saved.dropped)
-    by_name = {v.name: v for v in saved.variables}
-
-    def fail(name: str, exc: BaseException) -> None:
-        v = by_name.get(name)
-        reason = f"could not be restored ({type(exc).__name__}: {str(exc)[:160]})"
-        dropped.append(DroppedVariable(name, v.type_name if v else "?", reason))
-
-    ctx = cp.LoadContext(ns=target)
-    token = cp.LOAD_CONTEXT.set(ctx)
-    try:
-        for name, mod in saved.imports.items():
-            try:
-                target[name] = importlib.import_module(mod)
-            except Exception as exc:
-                dropped.append(DroppedVariable(name, "module", f"import {mod} failed: {exc}"))
-        _load_stream(blobs.get("defs.pkl"), body["streams"]["defs"], target, by_name, ok, fail)
-        if body["torch"]:
-            _load_torch(blobs, body["torch"], ctx, device, target, by_name, ok, fail)
-        _load_stream(
-            blobs.get("objects.pkl"), body["streams"]["objects"], target, by_name, ok, fail
-        )
-    finally:
-        cp.LOAD_CONTEXT.reset(token)
-    if saved.cwd:
-        if os.path.isdir(saved.cwd):
-            os.chdir(saved.cwd)
-        else:
-            dropped.append(
-                DroppedVariable(
-                    "(working directory)",
-                    "directory",
-                    f"{saved.cwd} does not exist here; staying in {os.getcwd()}",
-                )
-            )
-    return target, replace(saved, variables=ok, dropped=dropped)
-
-
-def _load_stream(
-    buf: bytearray | None,
-    entries: list[list[Any]],
-    target: dict[str, Any],
-    by_name: dict[str, SavedVariable],
-    ok: list[SavedVariable],
-    fail: Any,
-) -> None:
-    if not entries or buf is None:
-        return
-    f = io.BytesIO(buf)  # one copy of the stream; the C unpickler reads a BytesIO fastest
-    up = pickle.Unpickler(f)
-    for name, start, _end in entries:
-        f.seek(start)
-        try:
-            target[name] = up.load()
-            ok.append(by_name[name])
-        except Exception as exc:
-            fail(name, exc)
-            memo = up.memo.copy()  # the failed load left input buffered: start a fresh unpickler
-            up = pickle.Unpickler(f)
-            up.memo = memo
-
-
-def _load_torch(
-    blobs: dict[str, bytearray],
-    layout: dict[str, list[str]],
-    ctx: cp.LoadContext,
-    device: str | None,
-    target: dict[str, Any],
-    by_name: dict[str, SavedVariable],
-    ok: list[SavedVariable],
-    fail: Any,
-) -> None:
-    try:
-        import torch
-    except ImportError as exc:
-        for names in layout.values():
-            for k in names:
-                if not k.startswith("#"):
-                    fail(k, exc)
-        return
-    loc = cp.map_location(device)
-    for fname, names in layout.items():
-        try:
-            blob = blobs[fname]
-            mmap = isinstance(blob, int)
-            objs = torch.load(
-                f"/proc/self/fd/{blob}" if mmap else cio.MemFile(blob),
-                map_location=loc,
-                pickle_module=cp.torch_load_module(),
-                weights_only=False,
-                mmap=mmap,
-            )
-        except Exception as exc:
-            for k in names:
-                if not k.startswith("#"):
-                    fail(k, exc)
-            continue
-        ctx.torch.update(objs)
-        for k in names:
-            if not k.startswith("#"):
-                target[k] = objs[k]
-                ok.append(by_name[k])
+__all__ = [
+    "STORE_DIR",
+    "CheckpointError",
+    "DroppedVariable",
+    "Manifest",
+    "SavedVariable",
+    "blob_store",
+    "format_bytes",
+    "is_saved_name",
+    "load_namespace",
+    "read_manifest",
+    "runtime_store",
+    "save_namespace",
+    "store_of",
+]

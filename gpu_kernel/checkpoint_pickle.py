@@ -1,12 +1,13 @@
-"""Picklers of a checkpoint: C pickle for speed, dill for what the notebook defined, torch apart.
+"""Picklers of a checkpoint: C pickle for speed, dill for what the notebook defined.
 
-Streams (see ``docs/internals.md``, Checkpoint format): ``defs.pkl`` (the notebook's functions and
-classes), ``torch.pt`` (one ``torch.save`` of every torch object), ``objects.pkl`` (the rest). Each
-stream is one :class:`pickle.Pickler` dumping variables one by one with a shared memo, so aliasing
-survives and one failing variable is rolled back alone. Objects that C pickle can't do by
-reference (``__main__`` functions, classes, lambdas, local functions) become a dill payload that
-refers to the namespace, to other definitions and to torch objects through persistent ids, which
-the loader resolves from :data:`LOAD_CONTEXT`. Torch is never imported here.
+Each variable (or each group of variables that share objects) is one pickle of its own: a
+fresh memo, so one that fails to load fails alone. Objects that C pickle can't do by reference
+(``__main__`` functions and classes, lambdas, local functions) become a dill payload that
+refers to the namespace and to other definitions by persistent ids; Enums defined in cells,
+locks and weak references are reduced by :mod:`gpu_kernel.checkpoint_reduce`; torch storages
+become references to blobs (:mod:`gpu_kernel.checkpoint_torch`); numpy buffers go out of band
+(pickle protocol 5), so both land in blobs of their own. The loaders named in these pickles
+resolve references through :data:`LOAD_CONTEXT`. Torch is never imported here.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dill
+
+from gpu_kernel import checkpoint_reduce as reduce
+from gpu_kernel.checkpoint_torch import StorageKeys, split
 
 PROTOCOL = 5
 
@@ -45,18 +49,15 @@ def type_name(obj: Any) -> str:
 
 
 def _banned() -> tuple[tuple[type, str], ...]:
-    import _thread
     import mmap
     import socket
     import subprocess
     import threading
 
-    lock_types = (type(_thread.allocate_lock()), type(threading.RLock()))
     return (
         (io.IOBase, "open file"),
         (socket.socket, "socket"),
         (threading.Thread, "thread"),
-        (lock_types, "lock"),
         (types.GeneratorType, "generator"),
         (types.CoroutineType, "coroutine"),
         (types.AsyncGeneratorType, "async generator"),
@@ -78,9 +79,8 @@ def unsaveable_label(obj: Any) -> str | None:
         return None
     for types_, label in _BANNED:
         if isinstance(obj, types_):
-            tname = type_name(obj)
-            plain = label in ("lock", "generator", "coroutine", "async generator", "socket")
-            return label if plain else f"{label} ({tname})"
+            plain = label in ("generator", "coroutine", "async generator", "socket")
+            return label if plain else f"{label} ({type_name(obj)})"
     return None  # pragma: no cover
 
 
@@ -115,8 +115,8 @@ class LoadContext:
     """What persistent references resolve to while a checkpoint loads."""
 
     ns: dict[str, Any]
-    defs: dict[int, Any] = field(default_factory=dict)
-    torch: dict[str, Any] = field(default_factory=dict)
+    defs: dict[Any, Any] = field(default_factory=dict)
+    storage: Callable[[str, Any], Any] | None = None  # (key, dtype) -> storage
 
 
 LOAD_CONTEXT: contextvars.ContextVar[LoadContext] = contextvars.ContextVar("checkpoint_load")
@@ -126,19 +126,27 @@ def _resolve(pid: Any) -> Any:
     ctx = LOAD_CONTEXT.get()
     if pid == "ns":
         return ctx.ns
-    kind, key = pid
+    kind, key, *rest = pid
     if kind == "def":
+        if key not in ctx.defs:
+            raise KeyError(f"the definition it uses ({key}) was not restored")
         return ctx.defs[key]
-    if kind == "torch":
-        if key not in ctx.torch:
-            raise KeyError(f"the torch object it refers to ({key}) was not restored")
-        return ctx.torch[key]
+    if kind == "storage":
+        return load_storage(key, *rest)
     raise pickle.UnpicklingError(f"unknown reference {pid!r}")
 
 
 def _ref(pid: Any) -> Any:
-    """Loader of a reference emitted by a C stream (pickled by name as ``_ref``)."""
+    """Loader of a reference emitted by a C pickle (pickled by name as ``_ref``)."""
     return _resolve(pid)
+
+
+def load_storage(key: str, dtype: Any) -> Any:
+    """Loader of a torch storage: the verified blob's storage, on its new device."""
+    ctx = LOAD_CONTEXT.get()
+    if ctx.storage is None:
+        raise ModuleNotFoundError("torch is not installed here, so tensors can't be restored")
+    return ctx.storage(key, dtype)
 
 
 class DillUnpickler(dill.Unpickler):
@@ -146,22 +154,14 @@ class DillUnpickler(dill.Unpickler):
         return _resolve(pid)
 
 
-def _load_def(idx: int, payload: bytes) -> Any:
+def _load_def(key: Any, payload: bytes) -> Any:
     """Loader of a dill payload (its references to earlier definitions are loaded already)."""
     obj = DillUnpickler(io.BytesIO(payload)).load()
-    LOAD_CONTEXT.get().defs[idx] = obj
+    LOAD_CONTEXT.get().defs[key] = obj
     return obj
 
 
 # ----------------------------------------------------------------------------------- saving side
-
-
-def torch_classes() -> tuple[type, ...]:
-    """Torch types saved through torch.save; empty if torch was never imported."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        return ()
-    return (torch.Tensor, torch.nn.Module, torch.optim.Optimizer)
 
 
 def _needs_dill(obj: Any) -> bool:
@@ -180,53 +180,54 @@ def _needs_dill(obj: Any) -> bool:
 
 @dataclass
 class SaveState:
-    """Shared by the streams of one save: the namespace, definitions emitted, torch objects met."""
+    """Shared by the pickles of one save: definitions emitted, storages met, modules used."""
 
     ns: dict[str, Any]
-    torch_types: tuple[type, ...]
-    def_idx: dict[int, int] = field(default_factory=dict)  # id(obj) -> index
-    def_stream: dict[int, str] = field(default_factory=dict)  # index -> stream that loads it
-    done: set[int] = field(default_factory=set)  # indexes whose payload is emitted
+    storages: StorageKeys | None  # None: torch was never imported
+    storage_types: tuple[type, ...] = ()
+    def_keys: dict[int, Any] = field(default_factory=dict)  # id(obj) -> key
+    done: set[Any] = field(default_factory=set)  # keys whose payload is emitted
     keep: list[Any] = field(default_factory=list)  # keeps ids stable
     log: list[int] = field(default_factory=list)  # ids in order of assignment (for rollback)
-    torch_objs: dict[str, Any] = field(default_factory=dict)
-    torch_keys: dict[int, str] = field(default_factory=dict)
+    modules: set[str] = field(default_factory=set)  # modules of things pickled by name
     next_idx: int = 0
 
-    def assign(self, obj: Any, stream: str) -> int:
-        idx = self.def_idx.get(id(obj))
-        if idx is None:
-            idx = self.def_idx[id(obj)] = self.next_idx
-            self.next_idx += 1
-            self.def_stream[idx] = stream
+    def assign(self, obj: Any) -> Any:
+        key = self.def_keys.get(id(obj))
+        if key is None:
+            name = getattr(obj, "__name__", None)
+            named = isinstance(name, str) and self.ns.get(name) is obj
+            key = name if named else self.fresh_key()
+            self.def_keys[id(obj)] = key
             self.keep.append(obj)
             self.log.append(id(obj))
-        return idx
+        return key
 
-    def fresh_idx(self) -> int:
+    def fresh_key(self) -> str:
         self.next_idx += 1
-        return self.next_idx - 1
+        return f"#{self.next_idx - 1}"
 
     def rollback(self, log_len: int) -> None:
         for oid in self.log[log_len:]:
-            idx = self.def_idx.pop(oid)
-            self.done.discard(idx)
+            self.done.discard(self.def_keys.pop(oid))
         del self.log[log_len:]
 
-    def torch_key(self, obj: Any) -> str:
-        key = self.torch_keys.get(id(obj))
-        if key is None:
-            key = self.torch_keys[id(obj)] = f"#{len(self.torch_keys)}"
-            self.torch_objs[key] = obj
-        return key
+    def emitted(self, obj: Any) -> Any:
+        key = self.def_keys.get(id(obj))
+        return key if key is not None and key in self.done else None
+
+    def storage_ref(self, obj: Any) -> tuple[str, Any]:
+        assert self.storages is not None
+        untyped, dtype = split(obj)
+        return self.storages.key(untyped), dtype
 
 
 class _DillPickler(dill.Pickler):
     """Pickles one definition (or one object) by value; references go out as persistent ids."""
 
-    def __init__(self, file: Any, state: SaveState, mode: str, root: Any) -> None:
+    def __init__(self, file: Any, state: SaveState, root: Any) -> None:
         super().__init__(file, protocol=PROTOCOL, recurse=False, byref=False)
-        self._state, self._mode, self._root = state, mode, root
+        self._state, self._root = state, root
 
     def persistent_id(self, obj: Any) -> Any:
         st = self._state
@@ -235,26 +236,21 @@ class _DillPickler(dill.Pickler):
         if obj is self._root or isinstance(obj, int | str | float | bytes | tuple | dict | list):
             return None
         check_saveable(obj, None)
-        if st.torch_types and isinstance(obj, st.torch_types):
-            return ("torch", st.torch_key(obj)) if self._mode == "objects" else None
+        if st.storage_types and isinstance(obj, st.storage_types):
+            return ("storage", *st.storage_ref(obj))
         if isinstance(obj, types.FunctionType | type):
-            # a definition emitted earlier in this stream or an earlier one: refer to it
-            idx = st.def_idx.get(id(obj))
-            if (
-                idx is not None
-                and idx in st.done
-                and (self._mode != "torch" or st.def_stream[idx] == "defs")
-            ):
-                return ("def", idx)
+            key = st.emitted(obj)  # a definition emitted earlier: refer to it
+            if key is not None:
+                return ("def", key)
         return None
 
 
 class StreamPickler(pickle.Pickler):
-    """The C pickler of a stream, with the checkpoint's references and checks."""
+    """The C pickler of a checkpoint, with its references, reductions and checks."""
 
-    def __init__(self, file: Any, state: SaveState, mode: str, protocol: int = PROTOCOL) -> None:
-        super().__init__(file, protocol=protocol)
-        self._state, self._mode = state, mode
+    def __init__(self, file: Any, state: SaveState, buffer_callback: Any = None) -> None:
+        super().__init__(file, protocol=PROTOCOL, buffer_callback=buffer_callback)
+        self._state = state
         self.root: Any = None
 
     def reducer_override(self, obj: Any) -> Any:
@@ -263,33 +259,38 @@ class StreamPickler(pickle.Pickler):
             return _ref, ("ns",)
         if isinstance(obj, _BANNED_TYPES):
             check_saveable(obj, self.root)
-        if st.torch_types and self._mode == "objects" and isinstance(obj, st.torch_types):
-            return _ref, (("torch", st.torch_key(obj)),)
+        special = reduce.reduce_special(obj)
+        if special is not None:
+            return special
+        if st.storage_types and isinstance(obj, st.storage_types):
+            return load_storage, st.storage_ref(obj)
         if isinstance(obj, types.ModuleType):
             name = getattr(obj, "__name__", None)
             if name and sys.modules.get(name) is obj:
+                st.modules.add(name)
                 return importlib.import_module, (name,)
             return NotImplemented
         if isinstance(obj, _DillBlob):
-            return _load_def, (self._state.fresh_idx(), self._dill_payload(obj.obj))
+            return _load_def, (st.fresh_key(), self._dill_payload(obj.obj))
         if not _needs_dill(obj):
+            if isinstance(obj, type | types.FunctionType | types.BuiltinFunctionType):
+                st.modules.add(getattr(obj, "__module__", None) or "builtins")
             return NotImplemented
-        idx = st.def_idx.get(id(obj))
-        if (
-            idx is not None
-            and idx in st.done
-            and (self._mode != "torch" or st.def_stream[idx] == "defs")
-        ):
-            return _ref, (("def", idx),)
-        idx = st.fresh_idx() if self._mode == "torch" else st.assign(obj, self._mode)
-        payload = self._dill_payload(obj)
-        st.done.add(idx)
-        return _load_def, (idx, payload)
+        key = st.emitted(obj)
+        if key is not None:
+            return _ref, (("def", key),)
+        key = st.assign(obj)
+        if reduce.is_cell_enum(obj):
+            result = reduce.reduce_enum(obj, key)
+        else:
+            result = _load_def, (key, self._dill_payload(obj))
+        st.done.add(key)
+        return result
 
     def _dill_payload(self, obj: Any) -> bytes:
         buf = io.BytesIO()
         with main_as(self._state.ns):
-            _DillPickler(buf, self._state, self._mode, obj).dump(obj)
+            _DillPickler(buf, self._state, obj).dump(obj)
         return buf.getvalue()
 
 
@@ -323,67 +324,3 @@ def main_as(ns: dict[str, Any]) -> Iterator[None]:
         yield
     finally:
         sys.modules["__main__"] = main  # type: ignore[assignment]
-
-
-def torch_pickle_module(state: SaveState) -> types.ModuleType:
-    """A pickle "module" for torch.save/torch.load that knows the checkpoint's references."""
-
-    class TorchPickler(StreamPickler):
-        def __init__(self, file: Any, protocol: int = 2) -> None:
-            super().__init__(file, state, "torch", protocol=max(protocol, 4))
-
-    mod = types.ModuleType("gpu_kernel_checkpoint_pickle")
-    mod.Pickler = TorchPickler  # type: ignore[attr-defined]
-    mod.Unpickler = pickle.Unpickler  # type: ignore[attr-defined]
-    mod.load = pickle.load  # type: ignore[attr-defined]
-    mod.dump = pickle.dump  # type: ignore[attr-defined]
-    return mod
-
-
-def torch_load_module() -> types.ModuleType:
-    mod = types.ModuleType("gpu_kernel_checkpoint_pickle")
-    mod.Unpickler = pickle.Unpickler  # type: ignore[attr-defined]
-    mod.load = pickle.load  # type: ignore[attr-defined]
-    return mod
-
-
-def torch_nbytes(obj: Any) -> int:
-    """Approximate bytes of tensor data held by a tensor, module or optimizer."""
-    torch = sys.modules["torch"]
-    if isinstance(obj, torch.Tensor):
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, torch.nn.Module):
-        return sum(t.untyped_storage().nbytes() for t in obj.state_dict(keep_vars=True).values())
-    if isinstance(obj, torch.optim.Optimizer):
-        return sum(
-            t.untyped_storage().nbytes()
-            for s in obj.state.values()
-            for t in s.values()
-            if isinstance(t, torch.Tensor)
-        )
-    return 0
-
-
-def map_location(device: str | None) -> Callable[[Any, str], Any]:
-    """torch.load's map_location: see :func:`gpu_kernel.checkpoint.load_namespace`."""
-    torch = sys.modules["torch"]
-    from torch.serialization import default_restore_location
-
-    cuda = torch.cuda.is_available()
-    count = torch.cuda.device_count() if cuda else 0
-
-    def restore(storage: Any, location: str) -> Any:
-        if location == "cpu":
-            target = "cpu"
-        elif device is not None:
-            target = device
-        elif location.startswith("cuda") and cuda:
-            index = int(location.partition(":")[2] or 0)
-            target = location if index < count else f"cuda:{torch.cuda.current_device()}"
-        elif cuda:
-            target = f"cuda:{torch.cuda.current_device()}"
-        else:
-            target = "cpu"
-        return default_restore_location(storage, target)
-
-    return restore

@@ -193,7 +193,8 @@ class GPUKernel(IPythonKernel):
     ) -> dict[str, Any]:
         """Save the user's namespace (into ``directory``, default the runtime dir's); returns the
         ``suspend_reply`` content. Leaves the kernel marked as suspending (no cell starts any
-        more) unless it raises."""
+        more) unless it raises. Blobs go to the owner's store on this host (only those it does
+        not hold yet), or beside a shared ``directory``."""
         from gpu_kernel.checkpoint import save_namespace
 
         target = directory or self.checkpoint_dir
@@ -210,12 +211,15 @@ class GPUKernel(IPythonKernel):
                 hidden=shell.user_ns_hidden,
                 execution_count=shell.execution_count,
                 cwd=os.getcwd(),
+                store=None if directory else self._blob_store(),
             )
         except BaseException:
             self.activity.abort_suspend()
             raise
         self._record_saved(target, int(manifest.total_bytes))
-        return suspend_reply(str(target), manifest, time.monotonic() - t0)
+        content = suspend_reply(str(target), manifest, time.monotonic() - t0)
+        content["written"] = manifest.written_bytes
+        return content
 
     def _record_saved(self, target: Path, nbytes: int) -> None:
         """Note where the state went (``saved.json`` in the runtime dir): ``ctl status`` and the
@@ -229,7 +233,11 @@ class GPUKernel(IPythonKernel):
             os.replace(tmp, record)
 
     def restore(self, path: Path) -> dict[str, Any]:
-        """Load the checkpoint at ``path`` into ``user_ns``; returns the ``restore_reply``."""
+        """Load the checkpoint at ``path`` into ``user_ns``; returns the ``restore_reply``.
+
+        Never lets the kernel die: a variable that fails is named in ``dropped``; a checkpoint
+        that can't be trusted or is incomplete raises CheckpointError (the caller answers an
+        error reply) and is left as it is."""
         from gpu_kernel.checkpoint import load_namespace
 
         self.activity.begin_restore()
@@ -239,16 +247,36 @@ class GPUKernel(IPythonKernel):
             # Into user_ns itself, so restored functions see the notebook's globals; imports and
             # the working directory come back too. device=None: the slot's GPU if torch sees
             # one, else the CPU (and torch is not imported for a checkpoint without tensors).
-            _, manifest = load_namespace(path, self._key(), namespace=shell.user_ns)
+            _, manifest = load_namespace(
+                path,
+                self._key(),
+                namespace=shell.user_ns,
+                modules_dir=self.runtime_dir / "modules",
+            )
             if manifest.execution_count:
                 shell.execution_count = int(manifest.execution_count)
-            names = [v.name for v in manifest.variables] + list(manifest.imports)
+            # the same count the suspend said it saved: variables; the imports apart
+            names = [v.name for v in manifest.variables]
             if not path.is_relative_to(self.checkpoint_dir.parent):
                 # a shared checkpoint_dir's copy is consumed: the next suspend writes a new one
                 shutil.rmtree(path, ignore_errors=True)
-            return restore_reply(sorted(names), manifest, time.monotonic() - t0)
+            content = restore_reply(sorted(names), manifest, time.monotonic() - t0)
+            content["imports"] = sorted(manifest.imports)
+            content["notes"] = list(manifest.notes)
+            return content
         finally:
             self.activity.end_restore()
+
+    def _blob_store(self) -> Path:
+        """``<root>/<host>/.blobs/<owner>``: shared by this user's kernels on this host only."""
+        from gpu_kernel.checkpoint import runtime_store
+        from gpu_kernel.launcher import launch_record
+        from gpu_kernel.protocol import USER_NAME_RE
+
+        owner = (launch_record(self.runtime_dir) or {}).get("owner")
+        if not isinstance(owner, str) or not USER_NAME_RE.fullmatch(owner):
+            owner = "_unknown"  # started by hand, not by the launcher
+        return runtime_store(self.runtime_dir, owner)
 
     def _key(self) -> bytes:
         key = self.session.key

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from gpu_kernel import __version__
+from gpu_kernel import __version__, procs, warm
 from gpu_kernel.errors import BadRequest
 from gpu_kernel.protocol import (
     PORT_NAMES,
@@ -42,7 +42,6 @@ from gpu_kernel.protocol import (
 DEFAULT_RUNTIME_ROOT = "~/.local/share/jupyter-shared-gpu/kernels"
 START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.02
-KILL_GRACE = 3.0
 WATCH_INTERVAL = 1.0  # s between the watch's "still alive" lines
 LAUNCH_RECORD = "launch.json"  # who the kernel belongs to: kernel_id, owner, host_name, slot, pid
 SAVED_RECORD = "saved.json"  # where the kernel saved its state last: {"path", "bytes"}
@@ -76,7 +75,7 @@ class Started:
     """A kernel this launcher just started (for ``watch`` when the request asked for it)."""
 
     rdir: Path
-    proc: subprocess.Popen
+    proc: subprocess.Popen | None  # None: forked by a warm interpreter, not our child
     watch: bool
 
 
@@ -119,7 +118,7 @@ def _prepare_dir(rdir: Path) -> None:
     if rdir.is_symlink() or (rdir.exists() and not rdir.is_dir()):
         raise BadRequest(f"runtime dir {rdir} is not a directory", "remove it and launch again")
     if rdir.exists():
-        if _owned_pid(rdir) is not None:
+        if procs.owned_pid(rdir) is not None:
             raise StartFailed(
                 f"a kernel with id {rdir.name} is already running on this host",
                 f"run `python -m gpu_kernel ctl {rdir.name} cleanup` first",
@@ -155,13 +154,59 @@ def start_kernel(req: LaunchRequest) -> tuple[LaunchReply, Started]:
         SHARED_GPU_SLOT=req.slot_id,
         SHARED_GPU_KERNEL_ID=req.kernel_id,
     )
-    argv = [sys.executable, "-m", "gpu_kernel", "kernel", "-f", str(conn_file)]
     log_path = rdir / "kernel.log"
+    record = {
+        "kernel_id": req.kernel_id,
+        "owner": req.owner,
+        "host_name": req.host_name,
+        "slot_id": req.slot_id,
+        "started_at": time.time(),
+    }
+    _write_private(rdir / LAUNCH_RECORD, json.dumps(record))
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "ab") as log:
         log.write(f"--- gpu_kernel {__version__} starting kernel {req.kernel_id}\n".encode())
         log.flush()
-        proc = subprocess.Popen(
+    host_dir = rdir.parent
+    pid = warm.launch(host_dir, req.owner, rdir, env, os.getcwd()) if req.warm > 0 else None
+    proc: subprocess.Popen | None = None
+    if pid is None:
+        proc = _start_cold(conn_file, log_path, env)
+        pid = proc.pid
+    procs.write_pid_file(rdir, pid)
+    if req.warm > 0:  # the next start or resume of this user's kernels here is warm
+        warm.ensure(host_dir, req.owner, req.warm, list(req.warm_preload))
+
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        ended = proc.poll() if proc is not None else (None if procs.alive(pid) else "?")
+        if ended is not None:
+            raise StartFailed(
+                f"the kernel exited with status {ended} while starting; "
+                f"kernel.log ends with:\n{_log_tail(log_path, req.key)}",
+                f"see {log_path} on the host",
+            )
+        ports = _bound_ports(conn_file)
+        if ports and _accepts(ports["shell"]):
+            reply = LaunchReply.success(
+                pid, ports, socket.gethostname(), __version__, warm=proc is None
+            )
+            return reply, Started(rdir, proc, req.watch)
+        time.sleep(POLL_INTERVAL)
+    procs.kill_group(pid)
+    raise StartFailed(
+        f"the kernel did not start listening within {START_TIMEOUT:.0f} s; "
+        f"kernel.log ends with:\n{_log_tail(log_path, req.key)}",
+        f"see {log_path} on the host; is the host overloaded?",
+    )
+
+
+def _start_cold(conn_file: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen:
+    """A new interpreter for the kernel (no warm one answered)."""
+    argv = [sys.executable, "-m", "gpu_kernel", "kernel", "-f", str(conn_file)]
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    with os.fdopen(fd, "ab") as log:
+        return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=log,
@@ -169,36 +214,6 @@ def start_kernel(req: LaunchRequest) -> tuple[LaunchReply, Started]:
             env=env,
             start_new_session=True,
         )
-    _write_private(rdir / "kernel.pid", f"{proc.pid}\n")
-    record = {
-        "kernel_id": req.kernel_id,
-        "owner": req.owner,
-        "host_name": req.host_name,
-        "slot_id": req.slot_id,
-        "pid": proc.pid,
-        "started_at": time.time(),
-    }
-    _write_private(rdir / LAUNCH_RECORD, json.dumps(record))
-
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise StartFailed(
-                f"the kernel exited with status {proc.returncode} while starting; "
-                f"kernel.log ends with:\n{_log_tail(log_path, req.key)}",
-                f"see {log_path} on the host",
-            )
-        ports = _bound_ports(conn_file)
-        if ports and _accepts(ports["shell"]):
-            reply = LaunchReply.success(proc.pid, ports, socket.gethostname(), __version__)
-            return reply, Started(rdir, proc, req.watch)
-        time.sleep(POLL_INTERVAL)
-    _kill_group(proc.pid)
-    raise StartFailed(
-        f"the kernel did not start listening within {START_TIMEOUT:.0f} s; "
-        f"kernel.log ends with:\n{_log_tail(log_path, req.key)}",
-        f"see {log_path} on the host; is the host overloaded?",
-    )
 
 
 def _bound_ports(conn_file: Path) -> dict[str, int] | None:
@@ -230,89 +245,12 @@ def _log_tail(path: Path, key: str, limit: int = 3000) -> str:
 # -- ctl ---------------------------------------------------------------------------------------
 
 
-def _proc_state(pid: int) -> str | None:
-    """The one-letter state of ``pid`` from /proc, or None if there is no such process."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[0]
-
-
-def _owned_pid(rdir: Path) -> int | None:
-    """The kernel's pid if it is alive (not a zombie) and its command line names our file."""
-    try:
-        pid = int((rdir / "kernel.pid").read_text().strip())
-    except (OSError, ValueError):
-        return None
-    if pid <= 1:
-        return None
-    if not Path("/proc/self").exists():  # not Linux: best effort
-        try:
-            os.kill(pid, 0)
-        except OSError:
-            return None
-        return pid
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if str(rdir / "connection.json").encode() not in cmdline:
-        return None
-    return pid if _proc_state(pid) not in (None, "Z", "X") else None
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is in process group ``pgid``."""
-    if not Path("/proc/self").exists():
-        try:
-            os.killpg(pgid, 0)
-        except OSError:
-            return False
-        return True
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-                return True
-    return False
-
-
-def _kill_group(pid: int, grace: float = KILL_GRACE) -> None:
-    """SIGTERM the kernel's process group, SIGKILL whatever is left after ``grace`` seconds."""
-    try:
-        pgid = os.getpgid(pid)
-    except OSError:
-        return
-    group = pgid == pid  # the kernel leads its own group (start_new_session)
-    send = os.killpg if group else os.kill
-    try:
-        send(pid, signal.SIGTERM)
-    except OSError:
-        return
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not (_group_alive(pid) if group else _proc_state(pid) not in (None, "Z", "X")):
-            return
-        time.sleep(POLL_INTERVAL)
-    with contextlib.suppress(OSError):  # no pid reuse while its group still exists
-        send(pid, signal.SIGKILL)
-    deadline = time.monotonic() + grace  # SIGKILL cannot be refused: wait until it landed, so
-    while time.monotonic() < deadline:  # the status the caller gets next says "gone"
-        if not (_group_alive(pid) if group else _proc_state(pid) not in (None, "Z", "X")):
-            return
-        time.sleep(POLL_INTERVAL)
-
-
 def kernel_status(rdir: Path) -> KernelStatus:
     try:
         exit_code: int | None = int((rdir / "exit_code").read_text().strip())
     except (OSError, ValueError):
         exit_code = None
-    alive = _owned_pid(rdir) is not None
+    alive = procs.owned_pid(rdir) is not None
     saved = saved_checkpoint(rdir) if exit_code == SUSPENDED_EXIT_CODE and not alive else None
     return KernelStatus(alive=alive, exit_code=exit_code, checkpoint=saved)
 
@@ -329,8 +267,11 @@ def saved_checkpoint(rdir: Path) -> dict | None:
     default = rdir / "checkpoint"
     if default.is_symlink() or not (default / "manifest.json").is_file():
         return None
-    size = sum(p.stat().st_size for p in default.rglob("*") if p.is_file() and not p.is_symlink())
-    return {"path": str(default), "bytes": size}
+    try:  # what the manifest says it needs (its data is in the blob store): for a message only
+        size = json.loads((default / "manifest.json").read_bytes())["manifest"]["total_bytes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        size = 0
+    return {"path": str(default), "bytes": size if type(size) is int else 0}
 
 
 def launch_record(rdir: Path) -> dict | None:
@@ -357,7 +298,7 @@ def watch(
     kernel when this process started it (``launch`` with ``watch``): waiting on it gives the
     exit status even after a SIGKILL; otherwise a pidfd (or /proc) tells when it ends."""
     alive_line = KernelStatus(alive=True).to_json().encode() + b"\n"
-    pid = proc.pid if proc is not None else _owned_pid(rdir)
+    pid = proc.pid if proc is not None else procs.owned_pid(rdir)
     pidfd = None
     if proc is None and pid is not None and hasattr(os, "pidfd_open"):
         with contextlib.suppress(OSError):
@@ -379,12 +320,18 @@ def watch(
                     break
             else:
                 time.sleep(interval)
-                if _owned_pid(rdir) is None:
+                if procs.owned_pid(rdir) is None:
                     break
     finally:
         if pidfd is not None:
             os.close(pidfd)
     status = kernel_status(rdir)
+    if status.exit_code is None and proc is None:
+        # a warm interpreter's kernel that was killed: its parent writes the status it reaped
+        deadline = time.monotonic() + 2 * interval
+        while status.exit_code is None and time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL * 5)
+            status = kernel_status(rdir)
     if status.exit_code is None and proc is not None and proc.returncode is not None:
         code = proc.returncode  # killed before it could write exit_code: -N is signal N
         status = KernelStatus(alive=False, exit_code=128 - code if code < 0 else code)
@@ -402,15 +349,15 @@ def fence(rdir: Path, grace: float) -> dict:
     ``checkpoint`` is ``{"path", "bytes"}`` when the kernel saved itself, else null. The runtime
     dir is kept (``cleanup`` removes it). The fencing account's command
     (``gpu_kernel.fence``) runs this."""
-    pid = _owned_pid(rdir)
+    pid = procs.owned_pid(rdir)
     if pid is not None:
         with contextlib.suppress(OSError):  # gone meanwhile: nothing to ask
             os.kill(pid, SAVE_SIGNAL)
         deadline = time.monotonic() + max(0.0, grace)
-        while time.monotonic() < deadline and _owned_pid(rdir) is not None:
+        while time.monotonic() < deadline and procs.owned_pid(rdir) is not None:
             time.sleep(POLL_INTERVAL * 5)
-        if _owned_pid(rdir) is not None:
-            _kill_group(pid)  # returns once the kernel is gone
+        if procs.owned_pid(rdir) is not None:
+            procs.kill_group(pid)  # returns once the kernel is gone
     status = kernel_status(rdir)
     return {"alive": status.alive, "exit_code": status.exit_code, "checkpoint": status.checkpoint}
 
@@ -420,7 +367,7 @@ def ctl_main(
 ) -> KernelStatus:
     """Run one ctl action; every action answers the kernel's status afterwards."""
     rdir = runtime_dir(root, host_name, kernel_id)
-    pid = _owned_pid(rdir)
+    pid = procs.owned_pid(rdir)
     if action == "signal":
         if signum is None or not 0 < signum < signal.NSIG:
             raise BadRequest(f"invalid signal number {signum!r}", "e.g. 2 for SIGINT")
@@ -428,7 +375,7 @@ def ctl_main(
             os.kill(pid, signum)
     elif action in ("kill", "cleanup"):
         if pid is not None:
-            _kill_group(pid)
+            procs.kill_group(pid)
         if action == "cleanup":
             status = kernel_status(rdir)
             shutil.rmtree(rdir, ignore_errors=True)

@@ -29,6 +29,7 @@ HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 # A broker user: a POSIX login name (portable characters, not starting with "-" or ".").
 USER_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 _MISSING = object()
 
 
@@ -105,6 +106,19 @@ def _str_map(value: dict[str, Any], what: str) -> dict[str, str]:
     return dict(value)
 
 
+def _warm_seconds(value: float, what: str) -> float:
+    if not 0 <= value <= 7 * 86400:
+        raise BadRequest(f"{what}: 'warm' must be 0 to 604800 seconds, got {value!r}")
+    return float(value)
+
+
+def _modules(value: list[Any], what: str) -> tuple[str, ...]:
+    for name in value:
+        if not isinstance(name, str) or not _MODULE_RE.fullmatch(name):
+            raise BadRequest(f"{what}: 'warm_preload' holds a bad module name: {name!r}")
+    return tuple(value)
+
+
 @dataclass(frozen=True)
 class LaunchRequest:
     """What the caller asks the launcher to start (see docs/internals.md)."""
@@ -121,6 +135,10 @@ class LaunchRequest:
     # True: after its reply the launcher stays and watches the kernel (``launcher.watch``): a
     # status line a second while it runs, a last one with its exit code when it ends.
     watch: bool = False
+    # > 0: start the kernel from the owner's warm interpreter on this host when one answers, and
+    # keep one there (it exits after this many seconds unused); 0: always a new interpreter.
+    warm: float = 0.0
+    warm_preload: tuple[str, ...] = ()  # modules the warm interpreter imports (e.g. "torch")
     protocol: int = PROTOCOL_VERSION
 
     def to_json(self) -> str:
@@ -158,6 +176,8 @@ class LaunchRequest:
             env=_str_map(_get(d, "env", dict, what, {}), what),
             runtime_root=_get(d, "runtime_root", (str, type(None)), what, None),
             watch=_get(d, "watch", bool, what, False),
+            warm=_warm_seconds(_get(d, "warm", (int, float), what, 0.0), what),
+            warm_preload=_modules(_get(d, "warm_preload", list, what, []), what),
             owner=owner,
             **strs,
         )
@@ -176,10 +196,15 @@ class LaunchReply:
     code: str = ""
     error: str = ""
     hint: str = ""
+    warm: bool = False  # started from a warm interpreter
 
     @classmethod
-    def success(cls, pid: int, ports: dict[str, int], hostname: str, version: str) -> LaunchReply:
-        return cls(ok=True, pid=pid, ports=dict(ports), hostname=hostname, version=version)
+    def success(
+        cls, pid: int, ports: dict[str, int], hostname: str, version: str, warm: bool = False
+    ) -> LaunchReply:
+        return cls(
+            ok=True, pid=pid, ports=dict(ports), hostname=hostname, version=version, warm=warm
+        )
 
     @classmethod
     def failure(cls, code: str, error: str, hint: str = "") -> LaunchReply:
@@ -187,7 +212,7 @@ class LaunchReply:
 
     def to_json(self) -> str:
         if self.ok:
-            keys = ("ok", "protocol", "pid", "ports", "hostname", "version")
+            keys = ("ok", "protocol", "pid", "ports", "hostname", "version", "warm")
         else:
             keys = ("ok", "code", "error", "hint")
         return json.dumps({k: getattr(self, k) for k in keys}, separators=(",", ":"))
@@ -202,7 +227,7 @@ class LaunchReply:
             return cls.failure(
                 _get(d, "code", str, what), _get(d, "error", str, what), _get(d, "hint", str, what)
             )
-        _no_extra(d, {"ok", "protocol", "pid", "ports", "hostname", "version"}, what)
+        _no_extra(d, {"ok", "protocol", "pid", "ports", "hostname", "version", "warm"}, what)
         ports = _get(d, "ports", dict, what)
         if set(ports) != set(PORT_NAMES) or not all(
             type(p) is int and 0 < p < 65536 for p in ports.values()
@@ -218,6 +243,7 @@ class LaunchReply:
             ports={n: ports[n] for n in PORT_NAMES},
             hostname=_get(d, "hostname", str, what),
             version=_get(d, "version", str, what),
+            warm=_get(d, "warm", bool, what, False),
         )
 
 

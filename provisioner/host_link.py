@@ -102,9 +102,7 @@ class HostLink:
             self._conn, self.target = conn, target
         return conn
 
-    def _replace_connection(
-        self, conn: HostConnection | None, target: HostTarget | None
-    ) -> None:
+    def _replace_connection(self, conn: HostConnection | None, target: HostTarget | None) -> None:
         with self._lock:
             old, self._conn = self._conn, conn
             if target is not None:
@@ -125,6 +123,14 @@ class HostLink:
         conn, target = self._conn, self.target
         assert conn is not None and target is not None
         reply, stream = remote.launch_watched(conn, target, request)
+        kernel = self._take(conn, reply, stream)
+        cancel.check()  # the caller's clean-up ends the kernel
+        return kernel
+
+    def _take(
+        self, conn: HostConnection, reply: LaunchReply, stream: CommandStream
+    ) -> KernelOnHost:
+        """Tunnel the kernel's ports over ``conn`` and watch it through ``stream``."""
         kernel = KernelOnHost(reply)
         try:
             kernel.upstream = self._forward(conn, reply.ports)
@@ -132,7 +138,6 @@ class HostLink:
             stream.close()
             raise
         self._watch_kernel(kernel, stream)
-        cancel.check()  # the caller's clean-up ends the kernel
         return kernel
 
     def _forward(self, conn: HostConnection, ports: dict[str, int]) -> dict[str, int]:
@@ -189,14 +194,7 @@ class HostLink:
             if not status.alive:
                 return None
             stream = remote.watch(conn, target, self.kernel_id)
-        kernel = KernelOnHost(reply)
-        try:
-            kernel.upstream = self._forward(conn, reply.ports)
-        except BaseException:
-            stream.close()
-            raise
-        self._watch_kernel(kernel, stream)
-        return kernel
+        return self._take(conn, reply, stream)
 
     # ---- host commands -------------------------------------------------------------------------
 
@@ -267,9 +265,7 @@ class HostLink:
         if self.kernel is kernel:
             self._listener.kernel_exited(code)
 
-    def _reconnect(
-        self, kernel: KernelOnHost, why: str, generation: int
-    ) -> CommandStream | None:
+    def _reconnect(self, kernel: KernelOnHost, why: str, generation: int) -> CommandStream | None:
         """Replace the dead connection; the new watch stream, or None when it is over."""
         target = self.target
         assert target is not None
@@ -331,4 +327,3 @@ class HostLink:
         with self._lock:
             self.kernel = None
         self._replace_connection(None, None)
-

@@ -1,13 +1,17 @@
 """``jupyter shared-gpu``: install or remove the "Shared GPU" kernelspec.
 
 The kernelspec names our provisioner (entry point ``shared-gpu-provisioner``) and carries the broker
-URL, the slot kind and where to find the token; never the token itself.
+URL, the slot kind and where to find the token; never the token itself. Its logo (the launcher
+card's) is ``provisioner/logo/``: the SVG is drawn by hand, the PNG is that SVG rendered by
+headless Chromium (``chromium --headless --default-background-color=00000000 --window-size=64,64
+--screenshot=logo-64x64.png logo-svg.svg``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,6 +22,7 @@ from gpu_kernel.errors import SharedGPUError
 from provisioner.settings import DEFAULT_TOKEN_ENV, DEFAULT_TOKEN_FILE, ProvisionerSettings
 
 PROVISIONER_NAME = "shared-gpu-provisioner"
+LOGOS = tuple(Path(__file__).parent / "logo" / name for name in ("logo-svg.svg", "logo-64x64.png"))
 
 
 def kernelspec(display_name: str, config: dict) -> dict:
@@ -97,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
         'reconnect (default: "10s")',
     )
     inst.add_argument(
+        "--warm",
+        default="30m",
+        help="keep a warm interpreter (Python, IPython and --warm-preload imported, no GPU "
+        "touched) on each host a kernel ran on, for this long unused, so the next start or "
+        'resume there skips those imports; "0" turns it off (default: "30m")',
+    )
+    inst.add_argument(
+        "--warm-preload",
+        action="append",
+        metavar="MODULE",
+        help='a module the warm interpreter imports beforehand (repeat it; default: torch; '
+        '"" for none)',
+    )
+    inst.add_argument(
         "--ssh-key-file", help="SSH key to use instead of the one the broker's config names"
     )
     inst.add_argument(
@@ -124,7 +143,10 @@ def _config_from(args: argparse.Namespace) -> dict:
         "orphan_grace": args.orphan_grace,
         "attach": args.attach,
         "link_timeout": args.link_timeout,
+        "warm": args.warm,
     }
+    if args.warm_preload is not None:
+        config["warm_preload"] = [name for name in args.warm_preload if name]
     if args.ssh_key_file:
         config["ssh_key_file"] = args.ssh_key_file
     if args.known_hosts_file:
@@ -139,6 +161,8 @@ def install(args: argparse.Namespace) -> str:
     prefix = sys.prefix if args.sys_prefix else args.prefix
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n")
+        for logo in LOGOS:
+            shutil.copyfile(logo, Path(tmp) / logo.name)
         return KernelSpecManager().install_kernel_spec(
             tmp, args.name, user=args.user, prefix=prefix
         )

@@ -57,11 +57,19 @@ def exit_text(code: int | None) -> str:
 
 
 def launch_request(
-    kernel_id: str, lease: Lease, key: bytes, scheme: str, env: dict[str, str]
+    kernel_id: str,
+    lease: Lease,
+    key: bytes,
+    scheme: str,
+    env: dict[str, str],
+    warm: float = 0.0,
+    warm_preload: tuple[str, ...] = (),
 ) -> LaunchRequest:
     """What the launcher on the lease's host is asked to start."""
     assert lease.host is not None and lease.slot is not None
     return LaunchRequest(
+        warm=warm,
+        warm_preload=warm_preload,
         protocol=PROTOCOL_VERSION,
         kernel_id=kernel_id,
         key=key.decode("ascii"),
@@ -112,13 +120,17 @@ def restore(
             "restart the kernel to start with an empty namespace",
         )
     restored = reply.get("restored") or []
+    imports = reply.get("imports") or []
+    also = f" and {len(imports)} imports" if imports else ""
     say(
-        f"Resumed on {host} slot {lease.slot.id}: restored {len(restored)} variables "
+        f"Resumed on {host} slot {lease.slot.id}: restored {len(restored)} variables{also} "
         f"({format_bytes(int(reply.get('bytes') or 0))}) in "
         f"{float(reply.get('seconds') or 0):.1f}s, {time.monotonic() - started:.1f}s in all"
     )
     for item in reply.get("dropped") or []:
         say(f"  not restored: {item.get('name')}: {item.get('reason')}")
+    for note in reply.get("notes") or []:
+        say(f"  note: {note}")
 
 
 @dataclass(frozen=True)

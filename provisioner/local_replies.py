@@ -76,6 +76,6 @@ def error_reply(text: str, ename: str = "ResumeFailed") -> dict[str, Any]:
         "status": "error",
         "ename": ename,
         "evalue": text,
-        "traceback": [f"Shared GPU: {text}"],
+        "traceback": [f"{ename}: Shared GPU: {text}"],
         "execution_count": None,
     }

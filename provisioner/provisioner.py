@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from typing import Any
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -26,6 +27,7 @@ from gpu_kernel.errors import SharedGPUError
 from provisioner.session import KernelSession
 from provisioner.session_state import Phase
 from provisioner.settings import ProvisionerSettings
+from provisioner.ui_state import CheckpointFacts, SessionFacts, ui_state
 
 # Variables of the Jupyter server's environment that the remote kernel gets; the rest (which may
 # hold the server's secrets) stays here. The kernelspec's own ``env`` stanza is always passed.
@@ -37,6 +39,11 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     session: KernelSession | None = None
     _restarting: bool = False
+    # What ui_state() shows once the session is gone or when something went wrong.
+    _message: str | None = None
+    _failed: bool = False
+    _ended: bool = False
+    _last_terms: tuple[dict | None, dict | None] = (None, None)  # policy, quota of the last lease
 
     def __init__(self, **kwargs: Any) -> None:
         # The factory passes the kernelspec's provisioner config as keyword arguments; traitlets
@@ -78,6 +85,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             return await asyncio.to_thread(func, *args)
         except SharedGPUError as err:
             self.log.error("Shared GPU kernel %s: %s", self.kernel_id, err)
+            self._message = str(err).splitlines()[0]
             raise
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
@@ -88,8 +96,11 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.session = self._new_session()
             except SharedGPUError as err:
                 self.log.error("Shared GPU kernel %s: %s", self.kernel_id, err)
+                self._failed, self._message = True, str(err).splitlines()[0]
+                self._forget_failed_start()
                 raise
         self._restarting = False
+        self._failed, self._ended, self._message = False, False, None
         kwargs.pop("extra_arguments", None)
         return await super().pre_launch(cmd=list(self.kernel_spec.argv), **kwargs)
 
@@ -111,6 +122,7 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             ports = await self._in_thread(session.launch, key, scheme, env, eager)
         except BaseException:
             await self._abandon()
+            self._forget_failed_start()
             raise
         self.connection_info = self._connection_info(ports, key, scheme)
         return self.connection_info
@@ -131,9 +143,31 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _abandon(self) -> None:
         """A start failed: give back the lease and every local resource."""
+        self._failed = True
         session, self.session = self.session, None
         if session is not None:
             await asyncio.to_thread(session.close)
+
+    def _forget_failed_start(self) -> None:
+        """Take a failed start off the multi-kernel manager's pending list once its task ends.
+
+        jupyter_client leaves it there (``_add_kernel_when_ready`` only logs the error), and
+        jupyter_server's ``shutdown_all`` then shuts down that unknown id, which raises
+        "Kernel does not exist": the server's shutdown stops there, the other kernels keep
+        their leases and the process hangs. Failed starts are routine here (a bad token, an
+        eager start with the pool full), so the provisioner cleans up after its own."""
+        manager = getattr(self.parent, "parent", None)  # the MultiKernelManager, if any
+        pending = getattr(manager, "_pending_kernels", None)
+        kernel_id = self.kernel_id
+        task = pending.get(kernel_id) if isinstance(pending, dict) else None
+        if not isinstance(task, asyncio.Future):
+            return
+
+        def drop(done: asyncio.Future) -> None:
+            if pending.get(kernel_id) is done:
+                del pending[kernel_id]
+
+        task.add_done_callback(drop)
 
     # ---- process-like hooks ------------------------------------------------------------------
 
@@ -171,12 +205,73 @@ class SharedGPUProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await asyncio.to_thread(self.session.prepare_restart)
         else:
             await self._abandon()
+            self._failed, self._ended = False, True
 
     def get_shutdown_wait_time(self, recommended: float = 5.0) -> float:
         return max(recommended, 5.0)
 
     def get_stable_start_time(self, recommended: float = 10.0) -> float:
         return max(recommended, 30.0)
+
+    # ---- what JupyterLab shows (provisioner.server_extension) --------------------------------
+
+    def ui_state(self) -> dict[str, Any]:
+        """This kernel's state for the status bar and panel (see ``provisioner.ui_state``).
+        Cheap and never blocks on the network: it only reads the session's attributes."""
+        return ui_state(self._facts(), time.time())
+
+    def _facts(self) -> SessionFacts:
+        session = self.session
+        policy, quota = self._last_terms
+        if session is None:
+            return SessionFacts(
+                kernel_id=self.kernel_id or "",
+                failed=self._failed,
+                ended=self._ended,
+                message=self._message,
+                policy=policy,
+                quota=quota,
+            )
+        phase = session.phase
+        lease = session.keeper.queued or session.lease
+        if lease is not None and (lease.policy or lease.quota):
+            self._last_terms = policy, quota = lease.policy or policy, lease.quota or quota
+        activity = session.proxy.activity()
+        saved = session.saved
+        checkpoint = None
+        if saved is not None:
+            checkpoint = CheckpointFacts(saved.host.name, saved.bytes, saved.since)
+        message = session.message or session.broker_trouble or self._message
+        return SessionFacts(
+            kernel_id=self.kernel_id or "",
+            lease=lease,
+            kernel_running=phase in (Phase.RUNNING, Phase.RECONNECTING, Phase.SUSPENDING),
+            checkpoint=checkpoint,
+            busy=activity.busy,
+            last_activity=activity.last_activity,
+            suspending=phase is Phase.SUSPENDING,
+            resuming=phase is Phase.RESUMING,
+            reconnecting=phase is Phase.RECONNECTING,
+            failed=self._failed or (phase is Phase.UNATTACHED and message is not None),
+            ended=phase in (Phase.ENDED, Phase.CLOSED) and not self._restarting,
+            message=message,
+            policy=policy,
+            quota=quota,
+        )
+
+    def request_suspend(self) -> None:
+        """The panel's "Suspend now": returns at once, the suspend runs on the session's worker.
+        When it cannot happen (a cell runs, nothing holds a slot) ``ui_state()["message"]``
+        says why."""
+        session = self.session
+        if session is None or session.phase is not Phase.RUNNING:
+            self._message = "nothing to suspend: the kernel holds no GPU slot now"
+            return
+        if session.proxy.activity().busy:
+            self._message = "not suspended: a cell is running; suspend once it has finished"
+            return
+        self._message = None
+        session.request_suspend("asked from JupyterLab")
 
     # ---- re-attach ---------------------------------------------------------------------------
 

@@ -5,29 +5,29 @@ pair up in ``TRANSITIONS`` and raises ``ProxyStateError`` for a pair the table d
 impossible order of events (attach after close, wake while attached) is a loud bug, not a silent
 one. ``diagram()`` renders the table; the docstring below is checked against it by the tests::
 
-    DETACHED      --attach-->       SYNCING
-    DETACHED      --detach-->       DETACHED
-    DETACHED      --stand_in-->     STANDING_IN
-    SYNCING       --attach-->       SYNCING
-    SYNCING       --synced-->       ATTACHED
-    SYNCING       --detach-->       DETACHED
-    SYNCING       --hold-->         HOLDING
-    SYNCING       --stand_in-->     STANDING_IN
-    ATTACHED      --attach-->       SYNCING
-    ATTACHED      --detach-->       DETACHED
-    ATTACHED      --hold-->         HOLDING
-    ATTACHED      --stand_in-->     STANDING_IN
-    HOLDING       --attach-->       SYNCING
-    HOLDING       --detach-->       DETACHED
-    HOLDING       --hold-->         HOLDING
-    HOLDING       --release-->      ATTACHED
-    HOLDING       --stand_in-->     STANDING_IN
-    STANDING_IN   --attach-->       SYNCING
-    STANDING_IN   --stand_in-->     STANDING_IN
-    STANDING_IN   --wake-->         WAKING
-    WAKING        --attach-->       SYNCING
-    WAKING        --stand_in-->     STANDING_IN
-    WAKING        --wake_failed-->  STANDING_IN
+    DETACHED     --attach-->       SYNCING
+    DETACHED     --detach-->       DETACHED
+    DETACHED     --stand_in-->     STANDING_IN
+    SYNCING      --attach-->       SYNCING
+    SYNCING      --synced-->       ATTACHED
+    SYNCING      --detach-->       DETACHED
+    SYNCING      --hold-->         HOLDING
+    SYNCING      --stand_in-->     STANDING_IN
+    ATTACHED     --attach-->       SYNCING
+    ATTACHED     --detach-->       DETACHED
+    ATTACHED     --hold-->         HOLDING
+    ATTACHED     --stand_in-->     STANDING_IN
+    HOLDING      --attach-->       SYNCING
+    HOLDING      --detach-->       DETACHED
+    HOLDING      --hold-->         HOLDING
+    HOLDING      --release-->      ATTACHED
+    HOLDING      --stand_in-->     STANDING_IN
+    STANDING_IN  --attach-->       SYNCING
+    STANDING_IN  --stand_in-->     STANDING_IN
+    STANDING_IN  --wake-->         WAKING
+    WAKING       --attach-->       SYNCING
+    WAKING       --stand_in-->     STANDING_IN
+    WAKING       --wake_failed-->  STANDING_IN
 
 and from every state ``--close--> CLOSED``.
 
@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from gpu_kernel.errors import SharedGPUError
+from provisioner.transitions import follow, render
 
 MAX_QUEUED = 1000  # shell/control requests held while no kernel takes them
 QUEUED_CHANNELS = ("shell", "control")
@@ -112,28 +113,12 @@ TRANSITIONS: dict[tuple[ProxyState, ProxyEvent], ProxyState] = {
 
 def transition(state: ProxyState, event: ProxyEvent) -> ProxyState:
     """The state after ``event`` in ``state``; ``ProxyStateError`` when the table has no edge."""
-    try:
-        return TRANSITIONS[(state, event)]
-    except KeyError:
-        raise ProxyStateError(
-            f"session proxy: {event.value!r} is not possible in state {state.value!r}",
-            "this is a bug in jupyter-shared-gpu; please report it with the server's log",
-        ) from None
+    return follow(TRANSITIONS, state, event, ProxyStateError, "session proxy")
 
 
 def diagram() -> str:
     """The table as the module docstring shows it (``close`` edges summed up in one line)."""
-    width = max(len(s.name) for s in ProxyState) + 2
-    arrow = max(len(e.value) for e in ProxyEvent) + 6
-    lines = []
-    for state in ProxyState:
-        for event in ProxyEvent:
-            target = TRANSITIONS.get((state, event))
-            if target is None or event is E.CLOSE:
-                continue
-            label = f"--{event.value}-->"
-            lines.append(f"{state.name:<{width}} {label:<{arrow}} {target.name}")
-    return "\n".join(lines)
+    return render(TRANSITIONS, ProxyState, ProxyEvent, skip=E.CLOSE)
 
 
 @dataclass(frozen=True)

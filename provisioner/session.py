@@ -197,9 +197,11 @@ class KernelSession:
             failure.append(err)
             self.message = str(err)
             self._undo_start(token)
-            self._advance(Event.START_FAILED)
+            with self._lock:
+                if self._phase is Phase.STARTING:
+                    self._phase = advance(self._phase, Event.START_FAILED)
             return
-        self._advance(Event.STARTED)
+        self._started()
 
     # ---- wake: the first cell, or a cell after a suspend -----------------------------------------
 
@@ -245,7 +247,14 @@ class KernelSession:
             log.exception("kernel %s: wake failed", self.kernel_id)
             self._wake_failed(token, f"internal error while bringing the kernel: {exc}", failed)
             return
-        self._advance(Event.STARTED)
+        self._started()
+
+    def _started(self) -> None:
+        """The kernel runs and the proxy is attached, unless a shutdown came meanwhile (then
+        the phase says ended, and the clean-up ends the kernel just launched)."""
+        with self._lock:
+            if self._phase in (Phase.STARTING, Phase.RESUMING):
+                self._phase = advance(self._phase, Event.STARTED)
 
     def _wake_failed(self, token: CancelToken, text: str, ename: str) -> None:
         self.message = text
@@ -275,7 +284,13 @@ class KernelSession:
             path, copied = saved_state.bring_to(
                 saved, self.kernel_id, self.settings, conn, target, self._shared_dir(), token, say
             )
-        request = kernel_steps.launch_request(self.kernel_id, lease, *self._launch_args)
+        request = kernel_steps.launch_request(
+            self.kernel_id,
+            lease,
+            *self._launch_args,
+            warm=self.settings.warm,
+            warm_preload=self.settings.warm_preload,
+        )
         say(f"Shared GPU: starting the kernel on {lease.host.name} slot {lease.slot.id}")
         kernel = self.link.launch(request, token)
         control = self._new_control(kernel)

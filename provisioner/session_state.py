@@ -4,36 +4,36 @@
 which raises ``SessionStateError`` for a pair the table lacks. ``diagram()`` renders the table;
 the tests check this docstring against it and walk every edge::
 
-    UNATTACHED    --wake-->          STARTING
-    UNATTACHED    --launch-->        STARTING
-    UNATTACHED    --end-->           ENDED
-    UNATTACHED    --adopt_running--> RUNNING
-    UNATTACHED    --adopt_saved-->   SUSPENDED
-    STARTING      --started-->       RUNNING
-    STARTING      --start_failed-->  UNATTACHED
-    STARTING      --end-->           ENDED
-    RUNNING       --suspend-->       SUSPENDING
-    RUNNING       --saved_itself-->  SUSPENDED
-    RUNNING       --link_lost-->     RECONNECTING
-    RUNNING       --exited-->        ENDED
-    RUNNING       --end-->           ENDED
-    RECONNECTING  --saved_itself-->  SUSPENDED
-    RECONNECTING  --link_restored--> RUNNING
-    RECONNECTING  --gave_up-->       SUSPENDED
-    RECONNECTING  --exited-->        ENDED
-    RECONNECTING  --end-->           ENDED
-    SUSPENDING    --suspended-->     SUSPENDED
-    SUSPENDING    --refused-->       RUNNING
-    SUSPENDING    --link_lost-->     RECONNECTING
-    SUSPENDING    --exited-->        ENDED
-    SUSPENDING    --end-->           ENDED
-    SUSPENDED     --wake-->          RESUMING
-    SUSPENDED     --end-->           ENDED
-    RESUMING      --started-->       RUNNING
-    RESUMING      --start_failed-->  SUSPENDED
-    RESUMING      --end-->           ENDED
-    ENDED         --launch-->        STARTING
-    ENDED         --reset-->         UNATTACHED
+    UNATTACHED    --wake-->           STARTING
+    UNATTACHED    --launch-->         STARTING
+    UNATTACHED    --end-->            ENDED
+    UNATTACHED    --adopt_running-->  RUNNING
+    UNATTACHED    --adopt_saved-->    SUSPENDED
+    STARTING      --started-->        RUNNING
+    STARTING      --start_failed-->   UNATTACHED
+    STARTING      --end-->            ENDED
+    RUNNING       --suspend-->        SUSPENDING
+    RUNNING       --saved_itself-->   SUSPENDED
+    RUNNING       --link_lost-->      RECONNECTING
+    RUNNING       --exited-->         ENDED
+    RUNNING       --end-->            ENDED
+    RECONNECTING  --saved_itself-->   SUSPENDED
+    RECONNECTING  --link_restored-->  RUNNING
+    RECONNECTING  --gave_up-->        SUSPENDED
+    RECONNECTING  --exited-->         ENDED
+    RECONNECTING  --end-->            ENDED
+    SUSPENDING    --suspended-->      SUSPENDED
+    SUSPENDING    --refused-->        RUNNING
+    SUSPENDING    --link_lost-->      RECONNECTING
+    SUSPENDING    --exited-->         ENDED
+    SUSPENDING    --end-->            ENDED
+    SUSPENDED     --wake-->           RESUMING
+    SUSPENDED     --end-->            ENDED
+    RESUMING      --started-->        RUNNING
+    RESUMING      --start_failed-->   SUSPENDED
+    RESUMING      --end-->            ENDED
+    ENDED         --launch-->         STARTING
+    ENDED         --reset-->          UNATTACHED
 
 and from every phase ``--close--> CLOSED``.
 
@@ -53,6 +53,7 @@ from __future__ import annotations
 from enum import Enum
 
 from gpu_kernel.errors import SharedGPUError
+from provisioner.transitions import follow, render
 
 
 class SessionStateError(SharedGPUError):
@@ -127,22 +128,9 @@ WITH_PROCESS = frozenset({P.STARTING, P.RESUMING, P.RUNNING, P.RECONNECTING, P.S
 
 def advance(phase: Phase, event: Event) -> Phase:
     """The phase after ``event``; ``SessionStateError`` when the table has no such edge."""
-    try:
-        return TRANSITIONS[(phase, event)]
-    except KeyError:
-        raise SessionStateError(
-            f"kernel session: {event.value!r} is not possible while {phase.value!r}",
-            "this is a bug in jupyter-shared-gpu; please report it with the server's log",
-        ) from None
+    return follow(TRANSITIONS, phase, event, SessionStateError, "kernel session")
 
 
 def diagram() -> str:
     """The table as the module docstring shows it (``end`` listed per phase, ``close`` not)."""
-    lines = []
-    for phase in Phase:
-        for event in Event:
-            target = TRANSITIONS.get((phase, event))
-            if target is None or event is E.CLOSE:
-                continue
-            lines.append(f"{phase.name:<13} {'--' + event.value + '-->':<18} {target.name}")
-    return "\n".join(lines)
+    return render(TRANSITIONS, Phase, Event, skip=E.CLOSE)

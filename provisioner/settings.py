@@ -53,6 +53,8 @@ class ProvisionerSettings:
     known_hosts_file: str | None = None  # overrides the broker's known_hosts
     attach: str = "lazy"  # "lazy": no lease until the first cell; "eager": at start
     link_timeout: float = 10.0  # no word from the host this long: the SSH link is lost
+    warm: float = 1800.0  # a warm interpreter waits this long on a host for the next start (0: off)
+    warm_preload: tuple[str, ...] = ("torch",)  # what it imports beforehand (when installed)
 
     @classmethod
     def from_config(
@@ -94,6 +96,22 @@ class ProvisionerSettings:
                 )
             else:
                 values["attach"] = config["attach"]
+        if "warm" in config:
+            if config["warm"] in (0, "0", "off"):
+                values["warm"] = 0.0
+            else:
+                try:
+                    values["warm"] = parse_seconds(config["warm"], "warm")
+                except SettingsError as err:
+                    problems.append(err.message + ' (or 0 / "off": no warm interpreter)')
+        if "warm_preload" in config:
+            preload = config["warm_preload"]
+            if not isinstance(preload, list) or not all(
+                isinstance(m, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", m) for m in preload
+            ):
+                problems.append(f"warm_preload must be a list of module names, got {preload!r}")
+            else:
+                values["warm_preload"] = tuple(preload)
         for key in ("lease_timeout", "launch_timeout", "orphan_grace", "link_timeout"):
             if key in config:
                 try:

@@ -10,7 +10,13 @@ import pytest
 
 from gpu_kernel.ssh import HostTarget
 from tests.pool import Pool
-from tests.sshd import ClientKeys, TestHost, clear_stale_pyenv_lock, start_hosts
+from tests.sshd import (
+    ClientKeys,
+    TestHost,
+    clear_stale_pyenv_lock,
+    end_warm_interpreters,
+    start_hosts,
+)
 
 
 def target_for(host: TestHost, keys: ClientKeys, python: str = sys.executable) -> HostTarget:
@@ -58,6 +64,13 @@ def pool(
     monkeypatch.setenv("SHARED_GPU_RUNTIME_ROOT", str(tmp_path / "kernels"))
     yield pool
     pool.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_warm_interpreters_left(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Warm interpreters started on the test hosts end with the test session."""
+    yield
+    end_warm_interpreters(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)

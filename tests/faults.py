@@ -8,6 +8,8 @@ kernels carry the same ``SHARED_GPU_SLOT``: the one thing a pool must never do.
 
 from __future__ import annotations
 
+import json
+import os
 import threading
 import time
 from collections import Counter
@@ -122,3 +124,15 @@ class SlowToLoad:
         self.seconds = state["seconds"]
 slow_load = SlowToLoad(SECONDS)
 """
+
+
+def report(scenario: str, outcome: str, recovered_s: float | None = None) -> None:
+    """Note a scenario's outcome and time to recover in ``$SHARED_GPU_FAULT_REPORT`` (JSON
+    lines; ``bench/fault_table.py`` prints them as the table of the closing note); no-op
+    without the variable. The checker's verdict (double grants) is the test's own."""
+    path = os.environ.get("SHARED_GPU_FAULT_REPORT")
+    if not path:
+        return
+    line = {"scenario": scenario, "outcome": outcome, "recovered_s": recovered_s}
+    with open(path, "a") as f:
+        f.write(json.dumps(line) + "\n")

@@ -194,6 +194,12 @@ class Pool:
             config.pop("broker_url", self.url),
             "--lease-timeout",
             config.pop("lease_timeout", "60s"),
+            # warm interpreters on the test hosts, without torch preloaded (each would hold
+            # ~400 MB and seconds of CPU) and gone a minute after the tests
+            "--warm",
+            config.pop("warm", "60s"),
+            "--warm-preload",
+            config.pop("warm_preload", ""),
         ]
         for key, value in config.items():
             args += [f"--{key.replace('_', '-')}", value]

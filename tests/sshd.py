@@ -7,9 +7,11 @@ Used by the fixtures in ``conftest.py``.
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -184,6 +186,23 @@ class TestHost:
             self.proc.terminate()
             self.proc.wait(5)
         self.proc = None
+
+
+
+def end_warm_interpreters(under: Path) -> None:
+    """Stop the warm interpreters that launches on test hosts left under ``under`` (they would
+    idle out a minute later; a test session ends them at once)."""
+    needle = f"--host-dir\0{under}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"gpu_kernel\0warm\0" in cmdline and needle in cmdline:
+            with contextlib.suppress(OSError):
+                os.kill(int(entry.name), signal.SIGTERM)
 
 
 def start_hosts(

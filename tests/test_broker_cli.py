@@ -208,3 +208,20 @@ def test_readme_token_workflow_as_root(tmp_path: Path, unix_user: str) -> None:
         str(tmp_path / "t"),
     )
     assert result.returncode == 1 and "no Unix user 'nobody-here'" in result.stderr
+
+
+def test_output_cut_short_by_a_pipe_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`gpu-broker status | head -1`: no traceback when the reader stops early."""
+
+    class ClosedPipe:
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    config = write_config(tmp_path, free_port())
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["check-config", str(config)]) == 0

@@ -20,7 +20,7 @@ import pytest
 
 from broker.client import BrokerClient
 from provisioner.session_state import Phase
-from tests.faults import SlotChecker, run, slow_load, slow_save, wait_until
+from tests.faults import SlotChecker, report, run, slow_load, slow_save, wait_until
 from tests.pool import Pool
 from tests.sshd import ClientKeys, TestHost, start_hosts
 
@@ -85,8 +85,14 @@ def test_a_save_and_a_copy_longer_than_the_heartbeat_timeout_lose_nothing(
     other = BrokerClient(fault_pool.url, fault_pool.token("someone-else"))
     taken = other.request_lease("sim", "other-kernel")
     assert taken.host.name == first  # the resume must copy to the other host
+    started = time.monotonic()
     content, out, _ = run(kc, "print(sum(kept), slow.seconds, os.environ['SHARED_GPU_HOST'])")
     assert content["status"] == "ok", content
+    report(
+        "a save (4 s) and a copy (4 s) longer than the heartbeat timeout (3 s)",
+        "no lease expired; every variable back on the other host",
+        time.monotonic() - started,
+    )
     assert "Copying the saved state" in out
     assert out.strip().splitlines()[-1] != f"45 4 {first}"
     assert out.strip().splitlines()[-1].startswith("45 4 ")
@@ -113,7 +119,13 @@ def test_a_failed_first_reconnect_is_retried_until_the_host_is_back(
         assert "cannot reach" in (session.message or "")
     finally:
         host.start()
+    back = time.monotonic()
     wait_until(lambda: phase_of(km) is Phase.RUNNING, 30, "the reconnect")
+    report(
+        "the SSH connection dies and the first reconnects fail (sshd down)",
+        "reconnected when sshd was back; the waiting cell ran; state kept",
+        time.monotonic() - back,
+    )
     reply = kc.get_shell_msg(timeout=30)
     assert reply["parent_header"]["msg_id"] == msg_id and reply["content"]["status"] == "ok"
     assert run(kc, "print(state['a'])")[1].strip() == "2"
@@ -142,6 +154,7 @@ def test_shutdown_and_interrupt_are_answered_at_once_in_the_queue_and_while_resu
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
     assert answered < 1.0, f"interrupt answered after {answered:.2f}s"
+    report("interrupt while queued", "request withdrawn, cell ends KeyboardInterrupt", answered)
     assert fault_pool.queued() == 0, "the request was not withdrawn"
 
     # resuming (restoring a state that takes 8 s to load): a shutdown is answered at once
@@ -154,6 +167,7 @@ def test_shutdown_and_interrupt_are_answered_at_once_in_the_queue_and_while_resu
     km.shutdown_kernel()
     took = time.monotonic() - started
     assert took < 1.5, f"shutdown during a resume took {took:.2f}s"
+    report("shutdown while restoring", "answered at once; kernel ended, slot freed", took)
     wait_until(
         lambda: (
             not any(
@@ -180,11 +194,17 @@ def test_a_restart_after_the_lease_expired_takes_a_new_lease(
     wait_until(lambda: me.get_lease(old.id).state == "expired", 20, "the lease to expire")
     session.keeper._beat = beat  # they would get through again, but the lease is gone
     wait_until(lambda: not km.is_alive() or phase_of(km) is not Phase.RUNNING, 20, "the fence")
+    started = time.monotonic()
     km.restart_kernel(now=True)
     kc.wait_for_ready(timeout=30)
     content, out, _ = run(kc, "print('fresh')")
     assert content["status"] == "ok" and out.strip() == "fresh"
     assert session.lease is not None and session.lease.id != old.id
+    report(
+        "restart after the lease expired",
+        "a new lease (the ended one never reused); a fresh kernel",
+        time.monotonic() - started,
+    )
 
 
 def test_a_kernel_killed_on_its_host_is_seen_at_once_and_restarts_on_its_slot(
@@ -194,7 +214,13 @@ def test_a_kernel_killed_on_its_host_is_seen_at_once_and_restarts_on_its_slot(
     pid = int(run(kc, "import os; print(os.getpid())")[1])
     slot = km.provisioner.session.lease.slot.id
     os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
     wait_until(lambda: not km.is_alive(), 5, "Jupyter to see the kernel dead")
+    report(
+        "the kernel process SIGKILLed on its host",
+        "seen at once, restarted on its slot (a killed process cannot save)",
+        time.monotonic() - killed,
+    )
     assert "SIGKILL" in (km.provisioner.session.message or "")
     assert fault_pool.slot_users()[slot] is not None  # the slot is still ours
     km.restart_kernel(now=True)
@@ -229,9 +255,15 @@ def test_the_broker_killed_during_a_queue_wait_and_a_resume_loses_nothing(
     fault_pool.stop(signal.SIGKILL)  # while the kernel restores
     time.sleep(1.0)
     fault_pool.start()
+    restarted = time.monotonic()
     waiter.join(60)
     content, out, _ = result["out"]
     assert content["status"] == "ok", content
+    report(
+        "the broker SIGKILLed during a queue wait, then during the resume",
+        "the cell waited through both restarts and ran; the lease survived",
+        time.monotonic() - restarted,
+    )
     assert out.strip().splitlines()[-1] == "me"
     assert fault_pool.status()["leases"]  # the lease survived both restarts
     holders[1].release(held[1].id)
@@ -265,6 +297,7 @@ def test_a_suspend_on_a_full_disk_says_so_and_the_kernel_keeps_running(
         content, out, err = run(kc, "print(kept, len(big))")
         assert content["status"] == "ok" and out.strip() == f"7 {8 << 20}"
         assert "No space left on device" in err and "keeps running" in err
+        report("the checkpoint disk is full", "the next cell says why; kernel runs on", None)
         assert any(pool.slot_users().values())  # still on its GPU
         kc.stop_channels()
     finally:
@@ -279,6 +312,7 @@ def listening_sockets() -> int:
     return sum(1 for c in me.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN)
 
 
+@pytest.mark.timeout(300)
 def test_listening_sockets_stay_the_same_across_restarts_and_resumes(
     fault_pool: Pool, checker: SlotChecker
 ):
@@ -300,6 +334,7 @@ def test_listening_sockets_stay_the_same_across_restarts_and_resumes(
     assert run(kc, "print(n)")[1].strip() == "10"
     assert after_restarts == before
     wait_until(lambda: listening_sockets() == before, 2, "the old tunnels to close")
+    report("10 restarts and 10 resumes", f"listening sockets stay {before}", None)
 
 
 JUPYTER_SERVER = """
@@ -352,11 +387,13 @@ def test_a_jupyter_server_killed_with_sigkill_loses_no_variable(
     info = started["info"]
     kernel_id = info["kernel_id"]
     me = BrokerClient(fault_pool.url, fault_pool.user_token)
+    killed = time.monotonic()
     wait_until(
         lambda: any(c.get("state") != "expired" for c in me.checkpoints(kernel_id)),
         40,
         "the fence to save the orphaned kernel and the broker to record it",
     )
+    saved_after = time.monotonic() - killed
     assert not any(fault_pool.slot_users().values()), "the orphan's slot was not freed"
 
     km = fault_pool.kernel_manager()
@@ -377,4 +414,48 @@ def test_a_jupyter_server_killed_with_sigkill_loses_no_variable(
     content, out, _ = run(kc, "print(precious['a'])")
     assert content["status"] == "ok", content
     assert out.strip().splitlines()[-1] == "42"
+    report(
+        "the Jupyter server SIGKILLed (heartbeat timeout 3 s, default orphan grace 120 s)",
+        "fenced with a save first; a new server resumed every variable",
+        saved_after,
+    )
     kc.stop_channels()
+
+
+def test_max_lease_ends_a_busy_kernel_with_a_notice_an_interrupt_and_a_suspend(
+    tmp_path: Path, ssh_hosts: list[TestHost], client_keys: ClientKeys, monkeypatch
+):
+    """A forced order (max_lease; quota works the same) reaches a kernel running a cell: the
+    cell says what will happen, is interrupted after the grace, the kernel suspends with its
+    variables, and the next cell resumes them."""
+    pool = Pool(
+        tmp_path / "pool",
+        ssh_hosts,
+        client_keys,
+        heartbeat_interval="500ms",
+        max_lease="6s",
+        busy_grace="2s",
+    )
+    try:
+        pool.start()
+        pool.install_spec()
+        monkeypatch.setenv("SHARED_GPU_TOKEN", pool.user_token)
+        km, kc = pool.start_kernel()
+        run(kc, "kept = [1, 2, 3]")
+        started = time.monotonic()
+        content, _, err = run(kc, "import time\nfor _ in range(600): time.sleep(0.1)", timeout=60)
+        assert content["status"] == "error" and content["ename"] == "KeyboardInterrupt"
+        assert "held its GPU for the longest time the pool allows" in err
+        assert "interrupted in" in err and "suspended" in err
+        wait_until(lambda: phase_of(km) is Phase.SUSPENDED, 30, "the suspend after the interrupt")
+        report(
+            "max_lease reached while a cell runs (grace 2 s)",
+            "notice in the cell, interrupted, suspended; variables kept",
+            time.monotonic() - started,
+        )
+        assert not any(pool.slot_users().values())
+        content, out, _ = run(kc, "print(sum(kept))")
+        assert content["status"] == "ok" and out.strip().splitlines()[-1] == "6"
+        kc.stop_channels()
+    finally:
+        pool.close()

@@ -16,7 +16,7 @@ import pytest
 from broker.client import BrokerClient
 from provisioner.session_state import Phase
 from tests import netns
-from tests.faults import SlotChecker, run, slow_load, slow_save, wait_until
+from tests.faults import SlotChecker, report, run, slow_load, slow_save, wait_until
 from tests.pool import Pool, shut_down
 from tests.sshd import ClientKeys, TestHost, start_hosts
 
@@ -88,6 +88,7 @@ def test_link_down_mid_cell_the_kernel_runs_on_and_nothing_is_lost(link_pool):
     assert km.is_alive(), "a dropped link must not look like a dead kernel"
     time.sleep(1.0)
     link.link_up()
+    up = time.monotonic()
     reply = kc.get_shell_msg(timeout=60)
     assert reply["parent_header"]["msg_id"] == msg_id
     # the cell either ended after the link came back (its reply arrives) or during the outage
@@ -95,6 +96,10 @@ def test_link_down_mid_cell_the_kernel_runs_on_and_nothing_is_lost(link_pool):
     assert reply["content"]["status"] == "ok" or reply["content"]["ename"] == "ConnectionLost"
     content, out, _ = run(kc, "print(n)")
     assert content["status"] == "ok" and out.strip() == "40"
+    ended = "ok" if reply["content"]["status"] == "ok" else "said its output was lost"
+    report(
+        "link down 3 s mid-cell", f"reconnected; the cell {ended}; n == 40", time.monotonic() - up
+    )
 
 
 def test_link_down_mid_save_the_state_is_saved_and_resumes(link_pool):
@@ -109,7 +114,13 @@ def test_link_down_mid_save_the_state_is_saved_and_resumes(link_pool):
     link.link_down()
     time.sleep(LINK_TIMEOUT + 2)  # the save ends on the host meanwhile; its reply is lost
     link.link_up()
+    up = time.monotonic()
     wait_until(lambda: session.phase is Phase.SUSPENDED, 40, "the suspend to complete")
+    report(
+        "link down mid-save",
+        "the save completed on the host; suspended when the link was back; resumed whole",
+        time.monotonic() - up,
+    )
     assert not any(pool.slot_users().values()), "the suspended kernel kept its slot"
     content, out, _ = run(kc, "print(kept['a'], slow.seconds)")
     assert content["status"] == "ok", content
@@ -133,9 +144,15 @@ def test_link_down_mid_restore_the_cell_says_so_and_the_next_one_resumes(link_po
     assert reply["content"]["ename"] == "ResumeFailed"
     assert "dropped while the kernel restored" in reply["content"]["evalue"]
     link.link_up()
+    up = time.monotonic()
     content, out, _ = run(kc, "print(kept)", timeout=90)
     assert content["status"] == "ok", content
     assert out.strip().splitlines()[-1] == "me"
+    report(
+        "link down mid-restore",
+        "the cell said why; the next cell resumed whole",
+        time.monotonic() - up,
+    )
 
 
 def test_link_down_mid_copy_the_resume_fails_clearly_and_the_state_stays(link_pool, tmp_path: Path):
@@ -172,9 +189,15 @@ def test_link_down_mid_copy_the_resume_fails_clearly_and_the_state_stays(link_po
     assert "checkpoint" in reply["content"]["evalue"]
     assert session.phase is Phase.SUSPENDED
     links[first].link_up()
+    up = time.monotonic()
     content, out, _ = run(kc, "print(hashlib.sha256(kept).hexdigest())", timeout=90)
     assert content["status"] == "ok", content
     assert out.strip().splitlines()[-1] == digest
+    report(
+        "link down mid-copy",
+        "the copy failed clearly, the state stayed; the next cell resumed whole",
+        time.monotonic() - up,
+    )
     other.release(taken.id)
 
 
@@ -195,6 +218,12 @@ def test_shutdown_during_an_outage_is_quick_and_the_slot_is_fenced_before_reuse(
     wanted = [other.request_lease("sim", f"k{i}") for i in range(2)]
     assert all(lease.slot is None or lease.slot.id != slot for lease in wanted)
     links[name].link_up()
+    up = time.monotonic()
     wait_until(lambda: not Path(f"/proc/{pid}").exists(), 30, "the fence to end the kernel")
+    report(
+        f"shutdown during an outage (answered in {took:.1f}s)",
+        "released as kernel_may_run; slot kept out until the fence ended the kernel",
+        time.monotonic() - up,
+    )
     for lease in wanted:
         other.release(lease.id)

@@ -43,6 +43,11 @@ def test_install_writes_a_shared_gpu_kernelspec(tmp_path, capsys):
     # jupyter_client finds it and knows the provisioner through the installed entry point
     ksm = KernelSpecManager(kernel_dirs=[str(spec_file.parent.parent)])
     assert ksm.get_kernel_spec("shared-gpu").display_name == "Shared GPU"
+    # the launcher card's logo: the resources JupyterLab looks for, an SVG and a 64x64 PNG
+    svg = (spec_file.parent / "logo-svg.svg").read_text()
+    assert svg.startswith("<svg") and 'viewBox="0 0 64 64"' in svg
+    png = (spec_file.parent / "logo-64x64.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and png[16:24] == (64).to_bytes(4, "big") * 2
 
 
 def test_install_refuses_a_bad_broker_url_and_writes_nothing(tmp_path, capsys):

@@ -13,6 +13,7 @@ import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
 from gpu_kernel import remote
+from gpu_kernel.checkpoint import blob_store
 from gpu_kernel.control import KernelActivity, KernelBusy, orphan_grace
 from gpu_kernel.kernelapp import SUSPENDED_EXIT_CODE
 from gpu_kernel.magics import status_lines
@@ -233,10 +234,9 @@ def test_tampered_or_foreign_checkpoint_is_refused(launch: Launch, conn: HostCon
         kc.stop_channels()
 
     # The right key but a changed file: refused before anything is unpickled; kernel fine.
-    victim = max(
-        (p for p in ckpt.rglob("*") if p.is_file() and p.name != "manifest.json"),
-        key=lambda p: p.stat().st_size,
-    )
+    body = json.loads((ckpt / "manifest.json").read_bytes())["manifest"]
+    digest, _ = max(body["blobs"], key=lambda b: b[1])  # its biggest blob, in the owner's store
+    victim = blob_store(ckpt, body["store"]).path(digest)
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))

@@ -6,6 +6,7 @@ as a Jupyter server does and checks what a notebook user would see.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -15,6 +16,7 @@ import pytest
 from jupyter_client.blocking import BlockingKernelClient
 
 from broker.client import BrokerClient
+from gpu_kernel.checkpoint import blob_store
 from tests.pool import Pool, shut_down, vanish
 from tests.sshd import ClientKeys, TestHost
 
@@ -188,8 +190,10 @@ def test_a_tampered_checkpoint_is_refused_with_a_clear_message(idle_pool, kernel
     km, kc = kernel
     run(kc, "secret = 'x' * 1000")
     checkpoint = wait_suspended(idle_pool, km.kernel_id)
-    data = [p for p in Path(checkpoint["path"]).iterdir() if p.name != "manifest.json"]
-    victim = max(data, key=lambda p: p.stat().st_size)
+    body = json.loads((Path(checkpoint["path"]) / "manifest.json").read_bytes())["manifest"]
+    store = blob_store(Path(checkpoint["path"]), body["store"])  # the owner's blobs on that host
+    digest, _ = max(body["blobs"], key=lambda b: b[1])
+    victim = store.path(digest)
     raw = bytearray(victim.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     victim.write_bytes(bytes(raw))
@@ -335,11 +339,14 @@ def test_hosts_sharing_a_home_directory_keep_a_resumed_kernel_alive(
         assert content["status"] == "ok" and "Copying the saved state" in printed
         total, host, pid = last_line(printed).split()
         assert total == "6" and host != first
-        time.sleep(2)  # the old host's clean-up has run by now
+        old = shared / first / km.kernel_id
+        deadline = time.monotonic() + 30  # the old host's clean-up follows the resume
+        while old.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not old.exists(), "the old host's files stayed"
         assert os.path.exists(f"/proc/{pid}"), "cleaning up the old host killed the new kernel"
         assert last_line(run(kc, "print(len(kept))")[1]) == "3"
         assert (shared / host / km.kernel_id / "connection.json").exists()
-        assert not (shared / first / km.kernel_id).exists(), "the old host's files stayed"
         other.release(taken.id)
     finally:
         pool.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import stat
 import tarfile
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from gpu_kernel import checkpoint_blobs as blobs
 from gpu_kernel import transfer
 from gpu_kernel.errors import BadRequest
 from gpu_kernel.ssh import HostConnection, HostTarget, connect
@@ -39,13 +41,22 @@ def two_hosts(
         c.close()
 
 
-def make_checkpoint(rdir: Path) -> dict:
-    """A real checkpoint (save_namespace) of a small namespace plus 3 MiB of bytes."""
-    from gpu_kernel.checkpoint import save_namespace
+def make_checkpoint(rdir: Path, **extra: object) -> dict:
+    """A real checkpoint (save_namespace, the runtime dir's blob store) of a small namespace
+    plus 3 MiB of bytes."""
+    from gpu_kernel.checkpoint import runtime_store, save_namespace
 
-    rdir.mkdir(mode=0o700, parents=True)
+    rdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ns = {"x": 42, "words": ["a", "b"], "blob": os.urandom(3 << 20), "f": (lambda v: v + 1)}
-    save_namespace(ns, rdir / "checkpoint", KEY, execution_count=7, cwd=str(rdir))
+    ns |= extra
+    save_namespace(
+        ns,
+        rdir / "checkpoint",
+        KEY,
+        execution_count=7,
+        cwd=str(rdir),
+        store=runtime_store(rdir, "alice"),
+    )
     return ns
 
 
@@ -67,18 +78,24 @@ def test_copy_between_hosts_and_load_there(
     ns = make_checkpoint(root_a / kid)
     py_a, py_b = conn_a.target, conn_b.target
     copied = copy_checkpoint(conn_a, py_a, conn_b, py_b, kid)
-    src_files = [p for p in (root_a / kid / "checkpoint").rglob("*") if p.is_file()]
+    src_files = [p for p in [*(root_a / kid / "checkpoint").iterdir(), *blobs_of(root_a)]]
     assert copied == sum(p.stat().st_size for p in src_files) > 3 << 20
     dest = root_b / kid / "checkpoint"
-    assert modes(dest) <= {("d", 0o700), ("f", 0o600)}
-    assert stat.S_IMODE((root_b / kid).stat().st_mode) == 0o700
+    assert modes(root_b) <= {("d", 0o700), ("f", 0o600)}
     loaded, manifest = load_namespace(dest, KEY)
     assert loaded["x"] == 42 and loaded["words"] == ["a", "b"] and loaded["blob"] == ns["blob"]
     assert loaded["f"](1) == 2 and manifest.execution_count == 7
 
-    # Again over an existing checkpoint: replaced whole, no staging dir left behind.
-    assert copy_checkpoint(conn_a, py_a, conn_b, py_b, kid) == copied
+    # Again: the destination holds every blob, only the manifest travels; no staging left.
+    again = copy_checkpoint(conn_a, py_a, conn_b, py_b, kid)
+    assert again == (root_a / kid / "checkpoint" / "manifest.json").stat().st_size < 64 << 10
     assert sorted(p.name for p in (root_b / kid).iterdir()) == ["checkpoint"]
+
+    # One variable changed: only its blob (and the manifest) travels.
+    make_checkpoint(root_a / kid, blob=ns["blob"], extra=os.urandom(2 << 20))
+    third = copy_checkpoint(conn_a, py_a, conn_b, py_b, kid)
+    assert (2 << 20) < third < (2 << 20) + (256 << 10)
+    assert load_namespace(dest, KEY)[0]["blob"] == ns["blob"]
 
     # Nothing to export: the error names the source host and keeps the destination intact.
     with pytest.raises(CheckpointTransferError, match=f"from {conn_b.target.name}: no checkpoint"):
@@ -91,6 +108,10 @@ def test_copy_between_hosts_and_load_there(
     (root_a / kid).rename(root_a / "kern-file")
     with pytest.raises(CheckpointTransferError, match=f"on {conn_b.target.name}: runtime dir"):
         copy_checkpoint(conn_a, py_a, conn_b, py_b, "kern-file")
+
+
+def blobs_of(host_root: Path) -> list[Path]:
+    return [p for p in (host_root / ".blobs").rglob("*") if len(p.name) == 64]
 
 
 def tar_bytes(entries: list[tuple[str, bytes | str | None]]) -> bytes:
@@ -109,42 +130,93 @@ def tar_bytes(entries: list[tuple[str, bytes | str | None]]) -> bytes:
     return buf.getvalue()
 
 
+def stream(
+    entries: list[tuple[str, bytes | str | None]],
+    offer: list[tuple[str, int]] = (),  # type: ignore[assignment]
+    store: str = "../../.blobs/alice",
+) -> io.BytesIO:
+    """What an exporter sends: the line offering blobs, then the tar."""
+    line = json.dumps({"store": store, "blobs": [list(b) for b in offer]}).encode() + b"\n"
+    return io.BytesIO(line + tar_bytes(entries))
+
+
+MANIFEST = "checkpoint/manifest.json"
+
+
 @pytest.mark.parametrize(
     ("entries", "words"),
     [
         ([("../evil", b"x")], "not a plain relative path"),
         ([("/etc/evil", b"x")], "not a plain relative path"),
-        ([("a/../../evil", b"x")], "not a plain relative path"),
-        ([("ok", b"x"), ("link", "/etc/passwd")], "links and special files"),
-        ([("ok", b"x"), ("hard", None)], "links and special files"),
+        ([("checkpoint/../../evil", b"x")], "not a plain relative path"),
+        ([(MANIFEST, b"x"), ("checkpoint/link", "/etc/passwd")], "links, special files"),
+        ([(MANIFEST, b"x"), ("checkpoint/hard", None)], "links, special files"),
+        ([(MANIFEST, b"x"), ("blobs/" + "ab" * 32, b"x")], "not asked for"),
+        ([(MANIFEST, b"x"), ("elsewhere/file", b"x")], "not asked for"),
     ],
 )
 def test_import_refuses_escapes_and_links(
     tmp_path: Path, entries: list[tuple[str, bytes | str | None]], words: str
 ) -> None:
-    rdir = tmp_path / "rt" / "kern-1"
-    transfer.import_checkpoint(rdir, io.BytesIO(tar_bytes([("manifest.json", b"old")])))
+    rdir = tmp_path / "rt" / "host" / "kern-1"
+    transfer.import_checkpoint(rdir, stream([(MANIFEST, b"old")]), io.BytesIO())
     with pytest.raises(BadRequest, match=words):
-        transfer.import_checkpoint(rdir, io.BytesIO(tar_bytes(entries)))
+        transfer.import_checkpoint(rdir, stream(entries), io.BytesIO())
     assert sorted(p.name for p in rdir.iterdir()) == ["checkpoint"]  # no staging left
     assert (rdir / "checkpoint" / "manifest.json").read_bytes() == b"old"  # old one intact
     assert not (tmp_path / "rt" / "evil").exists() and not (tmp_path / "evil").exists()
 
 
+def test_import_refuses_blobs_that_are_not_what_they_claim(tmp_path: Path) -> None:
+    rdir = tmp_path / "host" / "kern-1"
+    data = os.urandom(1000)
+    d = blobs.digest(data)
+    lie = blobs.digest(b"something else")
+    with pytest.raises(BadRequest, match="do not match its digest"):
+        transfer.import_checkpoint(
+            rdir, stream([(MANIFEST, b"m"), (f"blobs/{lie}", data)], [(lie, 1000)]), io.BytesIO()
+        )
+    assert not blobs_of(tmp_path / "host") and not (rdir / "checkpoint").exists()
+    with pytest.raises(BadRequest, match="names its blob store"):
+        transfer.import_checkpoint(rdir, stream([], [], store="../../../../etc"), io.BytesIO())
+    with pytest.raises(BadRequest, match=r"invalid|blob list"):
+        transfer.import_checkpoint(rdir, stream([], [("../x", 1)]), io.BytesIO())
+    want = io.BytesIO()
+    result = transfer.import_checkpoint(
+        rdir, stream([(MANIFEST, b"m"), (f"blobs/{d}", data)], [(d, 1000)]), want
+    )
+    assert json.loads(want.getvalue()) == {"want": [d]}
+    assert result["blobs"] == 1 and result["blobs_present"] == 0
+    assert [p.read_bytes() for p in blobs_of(tmp_path / "host")] == [data]
+    assert modes(tmp_path / "host") == {("d", 0o700), ("f", 0o600)}
+
+
 def test_import_of_a_broken_stream_keeps_the_old_checkpoint(tmp_path: Path) -> None:
-    rdir = tmp_path / "kern-2"
-    data = tar_bytes([("sub/a.bin", os.urandom(100_000)), ("b", b"b")])
-    result = transfer.import_checkpoint(rdir, io.BytesIO(data))
-    assert result["files"] == 2 and result["bytes"] == 100_001
+    rdir = tmp_path / "host" / "kern-2"
+    payload = os.urandom(100_000)
+    d = blobs.digest(payload)
+    doc = {"manifest": {"store": "../../.blobs/alice", "blobs": [[d, 100_000]]}}
+    manifest = json.dumps(doc).encode()
+    good = stream([(MANIFEST, manifest), (f"blobs/{d}", payload)], [(d, 100_000)]).getvalue()
+    result = transfer.import_checkpoint(rdir, io.BytesIO(good), io.BytesIO())
+    size = len(manifest) + 100_000
+    assert result["files"] == 1 and result["bytes"] == size
     assert modes(rdir / "checkpoint") == {("d", 0o700), ("f", 0o600)}
-    for bad in (data[:50_000], b"not a tar at all" * 100, b""):
+    (tmp_path / "host" / ".blobs").rename(tmp_path / "host" / ".gone")  # must come again
+    for bad in (good[:50_000], good[:400] + b"not a tar at all" * 100, b""):
         with pytest.raises(BadRequest, match="checkpoint stream"):
-            transfer.import_checkpoint(rdir, io.BytesIO(bad))
-        assert (rdir / "checkpoint" / "b").read_bytes() == b"b"
+            transfer.import_checkpoint(rdir, io.BytesIO(bad), io.BytesIO())
+        assert (rdir / "checkpoint" / "manifest.json").read_bytes() == manifest
+    assert not blobs_of(tmp_path / "host")  # a blob cut short is not kept either
+    transfer.import_checkpoint(rdir, io.BytesIO(good), io.BytesIO())
     out = io.BytesIO()
-    assert transfer.export_checkpoint(rdir, out) == 100_001
-    again = transfer.import_checkpoint(tmp_path / "kern-3", io.BytesIO(out.getvalue()))
-    assert again["bytes"] == 100_001
+    assert transfer.export_checkpoint(rdir, out, io.BytesIO(b'{"want": []}\n')) == len(manifest)
+    out = io.BytesIO()
+    sent = transfer.export_checkpoint(rdir, out, io.BytesIO(json.dumps({"want": [d]}).encode()))
+    assert sent == size
+    other = tmp_path / "other" / "kern-3"
+    again = transfer.import_checkpoint(other, io.BytesIO(out.getvalue()), io.BytesIO())
+    assert again["bytes"] == size and blobs_of(tmp_path / "other")
 
 
 @pytest.mark.parametrize("where", ["local", "ssh"])

@@ -3,7 +3,8 @@
 Registered by ``GPUKernel.start``. Lease, policy, queue and quota come from the proxy's last
 ``shared_gpu_info`` (shown as "unknown" until one arrives); GPU figures from NVML.
 ``shared_gpu_info`` fields read here (all optional): ``lease.id``, ``lease.granted_at`` (unix s),
-``policy.idle_suspend_after`` / ``policy.idle_suspend_when_queued`` (s), ``queue.length`` /
+``policy.idle_suspend_after`` / ``policy.idle_suspend_when_queued`` / ``policy.release_after_cell``
+(s; the last one null or absent when per-cell binding is off), ``queue.length`` /
 ``queue.waiting_for_kind`` (int), ``quota.used_hours`` / ``quota.limit_hours`` /
 ``quota.resets_at`` (unix s) or ``quota.message`` (str).
 """
@@ -77,15 +78,26 @@ def status_lines(
     after = _num(policy, "idle_suspend_after")
     when_queued = _num(policy, "idle_suspend_when_queued")
     waiting = (queue and (_num(queue, "waiting_for_kind") or _num(queue, "length"))) or 0
+    per_cell = _num(policy, "release_after_cell")  # per-cell binding; None: off
+    binding_now = bool(waiting) and per_cell is not None
     limit = when_queued if waiting and when_queued is not None else after
+    if binding_now:
+        limit = per_cell if limit is None else min(per_cell, limit)
     if limit is None:
         lines.append("  suspend:    unknown (no policy from the broker yet)")
     else:
         rule = f"after {duration(after if after is not None else limit)} idle"
         if when_queued is not None and after is not None and when_queued < after:
             rule += f" ({duration(when_queued)} while others wait"
-            rule += ", as now)" if waiting else ")"
-        lines.append(f"  suspend:    {rule}; {duration(limit - idle)} left")
+            rule += ", as now)" if waiting and not binding_now else ")"
+        left = f"{duration(limit - idle)} left"
+        left += " (per-cell binding, as now)" if binding_now else ""
+        lines.append(f"  suspend:    {rule}; {left}")
+    if per_cell is not None:
+        lines.append(
+            f"  binding:    per cell: while others wait, the GPU goes back {duration(per_cell)} "
+            "after each cell and the next cell resumes the kernel"
+        )
     if queue is None:
         lines.append("  queue:      unknown")
     else:

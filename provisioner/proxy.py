@@ -421,7 +421,7 @@ class SessionProxy:
         held = deque([*self._executions.take_unanswered(), *self._queued])
         self._queued = deque()
         for channel, frames in held:  # a cell run while we suspended wakes it at once
-            self._stand_in(channel, frames)
+            self._stand_in(channel, frames, replayed=True)
 
     def _close_upstream(self) -> None:
         for sock in self._up.values():
@@ -455,8 +455,8 @@ class SessionProxy:
         else:
             log.debug("session proxy detached: %s message dropped", channel)
 
-    def _stand_in(self, channel: str, frames: list[bytes]) -> None:
-        decision = self.stand_in_for.handle(channel, frames)
+    def _stand_in(self, channel: str, frames: list[bytes], replayed: bool = False) -> None:
+        decision = self.stand_in_for.handle(channel, frames, replayed)
         if decision in (Decision.QUEUE, Decision.WAKE):
             self._queue(channel, frames)
         if decision is Decision.WAKE:

@@ -56,10 +56,16 @@ class Frontend:
             content = {**content, "transient": transient}
         self.signer.send(self.sockets["iopub"], msg_type, content, parent, ident=msg_type.encode())
 
-    def verify(self, frames: list[bytes]) -> tuple[list[bytes], dict[str, Any]]:
-        """(identities, message) of a request, its signature checked; raises when it is bad."""
+    def verify(
+        self, frames: list[bytes], replayed: bool = False
+    ) -> tuple[list[bytes], dict[str, Any]]:
+        """(identities, message) of a request, its signature checked; raises when it is bad.
+        ``replayed``: the proxy's own held copy of a request it may have checked already (a
+        cell a saving kernel dropped): checked again, but not refused as a replay."""
         assert self.signer is not None
         idents, rest = self.signer.feed_identities(frames)
+        if replayed and rest:
+            self.signer.digest_history.discard(rest[0])
         return idents, self.signer.deserialize(rest)
 
 
@@ -79,12 +85,13 @@ class StandIn:
         self.waking: dict[str, Any] | None = None  # the cell that woke the session
         self._line_id: str | None = None  # display_id of the updatable status line
 
-    def handle(self, channel: str, frames: list[bytes]) -> Decision:
-        """Answer, keep, or wake on one request that arrived while no kernel process exists."""
+    def handle(self, channel: str, frames: list[bytes], replayed: bool = False) -> Decision:
+        """Answer, keep, or wake on one request that arrived while no kernel process exists
+        (``replayed``: one the proxy held, see ``Frontend.verify``)."""
         if channel not in ("shell", "control"):
             return Decision.DROP  # stdin: no kernel asked for input
         try:
-            idents, msg = self.front.verify(frames)
+            idents, msg = self.front.verify(frames, replayed)
         except Exception as exc:  # bad signature or not a Jupyter message: drop it
             log.warning("session proxy: dropped a %s message it could not verify: %s", channel, exc)
             return Decision.DROP

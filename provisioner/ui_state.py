@@ -100,15 +100,17 @@ def suspend_in(
 ) -> float | None:
     """Seconds before the broker would suspend a running kernel (the rules of ``broker.idle``):
     ``idle_suspend_after`` idle, ``idle_suspend_when_queued`` while others wait, and
-    ``max_lease`` since the grant even when busy. None when no rule applies or is known."""
+    ``max_lease`` since the grant even when busy; ``release_after_cell`` (per-cell binding)
+    while others wait. None when no rule applies or is known."""
     candidates: list[float] = []
     after = _num(policy, "idle_suspend_after")
     when_queued = _num(policy, "idle_suspend_when_queued")
     max_lease = _num(policy, "max_lease")
     if not busy and idle_s is not None:
         limit = after
-        if queue_length > 0 and when_queued is not None:
-            limit = when_queued if limit is None else min(limit, when_queued)
+        for rule in (when_queued, _num(policy, "release_after_cell")) if queue_length > 0 else ():
+            if rule is not None:
+                limit = rule if limit is None else min(limit, rule)
         if limit is not None:
             candidates.append(limit - idle_s)
     if max_lease is not None and lease_age_s is not None:

@@ -136,3 +136,32 @@ def test_a_cell_the_saving_kernel_never_answered_runs_after_the_resume(proxy, cl
     finally:
         for sock in mute.values():
             sock.close(linger=0)
+
+
+def test_a_cell_that_woke_the_kernel_and_was_dropped_by_its_save_runs_after_the_next_resume(
+    proxy, client, kernel
+):
+    """Per-cell binding's race (issue 12): the cell that woke a suspended kernel reaches it, the
+    kernel is ordered to save before it ran the cell, and the cell goes back to the proxy, which
+    checked its signature once already: it must run on the next kernel, not be dropped as a
+    replay (the student's cell would wait forever)."""
+    import zmq
+
+    ctx = zmq.Context.instance()
+    mute = {
+        name: ctx.socket(zmq.ROUTER if name != "iopub" else zmq.PUB)
+        for name in ("shell", "control", "stdin", "iopub")
+    }
+    ports = {name: sock.bind_to_random_port("tcp://127.0.0.1") for name, sock in mute.items()}
+    try:
+        proxy.stand_in(lambda: proxy.attach(ports))  # suspended; the next cell wakes it
+        msg_id = client.execute("print('ran once')")
+        assert mute["shell"].poll(5000), "the waking cell did not reach the new kernel"
+        proxy.stand_in(lambda: proxy.attach(_upstream(kernel)))  # it saved without running it
+        reply, seen = outputs_until_reply(client, msg_id)
+        assert reply["content"]["status"] == "ok"
+        text = "".join(m["content"]["text"] for m in seen if m["msg_type"] == "stream")
+        assert text.strip().endswith("ran once")
+    finally:
+        for sock in mute.values():
+            sock.close(linger=0)

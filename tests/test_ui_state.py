@@ -100,6 +100,9 @@ def test_suspend_in_rules() -> None:
     assert suspend_in({"idle_suspend_after": 60}, 100, 100, False, 0) == 0.0
     assert suspend_in({"idle_suspend_after": 60}, None, 5, True, 0) is None
     assert suspend_in({"idle_suspend_when_queued": 30}, 10, 10, False, 1) == 20
+    per_cell = {"idle_suspend_when_queued": 30, "release_after_cell": 10}  # issue 12
+    assert suspend_in(per_cell, 4, 10, False, 1) == 6  # others wait: 10 s after the cell
+    assert suspend_in(per_cell, 4, 10, False, 0) is None  # nobody waits: no per-cell release
 
 
 def test_suspended_keeps_the_checkpoint_and_the_last_terms() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection
 
+from broker.config.policy import optional_duration
 from broker.config.toml_check import Checker
 from broker.core.groups import DAYS, ClassSession, GroupConfig
 
@@ -17,6 +18,7 @@ _HHMM = re.compile(r"(\d{2}):(\d{2})")
 
 _GROUP_KEYS = ("name", "members", "teachers", "kinds", "max_slots_per_user")
 _GROUP_KEYS += ("gpu_hours_per_day", "priority", "sessions", "hub_group", "teacher_hub_group")
+_GROUP_KEYS += ("release_after_cell",)
 _SESSION_KEYS = ("days", "start", "end", "reserved_slots")
 
 
@@ -95,6 +97,7 @@ def _group(
                 (*path, "gpu_hours_per_day"), f"must be more than 0 and at most 24, got {hours}"
             )
     priority = checker.typed(table, "priority", path, int, "10")
+    release = optional_duration(checker, table, "release_after_cell", path)
     capacity = None  # unknown when slots are probed later or a kind is wrong anyway
     if kinds is not None and all(kind in kinds for kind in group_kinds):
         capacity = sum(1 for k in slot_kinds if not group_kinds or k in group_kinds)
@@ -124,6 +127,7 @@ def _group(
         sessions=sessions,
         hub_group=hub_groups["hub_group"],
         teacher_hub_group=hub_groups["teacher_hub_group"],
+        release_after_cell=release,
     )
 
 

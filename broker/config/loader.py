@@ -11,13 +11,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from broker.config.groups import check_groups
 from broker.config.hosts import HostConfig, HostsChecker, SlotConfig
 from broker.config.identity import NO_IDENTITY, IdentityConfig, check_identity
-from broker.config.policy import PolicyConfig, check_policy
+from broker.config.policy import PolicyConfig, check_policy, release_problems
 from broker.config.toml_check import LineIndex, syntax_issue
 from broker.core.groups import ClassSession as ClassSession  # re-exported: config's names
 from broker.core.groups import GroupConfig
@@ -166,7 +166,13 @@ class _Checker(HostsChecker):
         identity = check_identity(self, data, path)
         has_hub = identity is None or identity.jupyterhub is not None  # None: already reported
         groups = check_groups(self, data, kinds, slot_kinds, has_hub)
-        if server is None or policy is None or hosts is None or groups is None:
+        if policy is not None and groups is not None:
+            values = asdict(policy)
+            for i, group in enumerate(groups):
+                if group.release_after_cell is not None:
+                    for why in release_problems(group.release_after_cell, values):
+                        self.issue(("groups", i, "release_after_cell"), why)
+        if self.issues or server is None or policy is None or hosts is None or groups is None:
             return None
         if identity is None:
             return None

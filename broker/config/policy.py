@@ -32,7 +32,8 @@ DURATIONS = {
     "busy_grace": 60.0,
 }
 COUNTS = {"max_leases_per_user": 4, "max_queued_per_user": 3}  # [policy] integers, each >= 1
-POLICY_KEYS = (*DURATIONS, *COUNTS, "checkpoint_dir", "members_only")
+OPTIONAL = ("release_after_cell",)  # [policy] durations with no default: absent means off
+POLICY_KEYS = (*DURATIONS, *COUNTS, *OPTIONAL, "checkpoint_dir", "members_only")
 MAX_FENCE_SAVE_GRACE = 600.0  # the fencing command refuses to wait longer for a save
 
 
@@ -56,6 +57,7 @@ class PolicyConfig:
     max_queued_per_user: int = 3
     checkpoint_dir: str | None = None  # shared by all hosts: checkpoints need no copy
     members_only: bool = False  # True: users in no group are refused (a hub's other users)
+    release_after_cell: float | None = None  # per-cell binding while others wait; None: off
 
 
 def scheduler_policy(config: PolicyConfig, groups: Iterable[GroupConfig] = ()) -> Policy:
@@ -73,6 +75,7 @@ def scheduler_policy(config: PolicyConfig, groups: Iterable[GroupConfig] = ()) -
         suspend_retry=config.suspend_retry,
         busy_grace=config.busy_grace,
         members_only=config.members_only,
+        release_after_cell=config.release_after_cell,
         groups=tuple(groups),
     )
 
@@ -94,6 +97,7 @@ def check_policy(checker: Checker, table: dict) -> PolicyConfig | None:
                 continue
             if values[key] == 0:
                 checker.issue((*path, key), 'must be more than 0, like "10s"')
+    release = optional_duration(checker, table, "release_after_cell", path)
     counts: dict[str, int] = {}
     for key, default in COUNTS.items():
         value = checker.typed(table, key, path, int, str(default))
@@ -106,7 +110,10 @@ def check_policy(checker: Checker, table: dict) -> PolicyConfig | None:
     members_only = checker.typed(table, "members_only", path, bool, "true")
     if len(checker.issues) > before:
         return None
-    for keys, message in _combinations(values):
+    problems = _combinations(values)
+    if release is not None:
+        problems += [(("release_after_cell",), why) for why in release_problems(release, values)]
+    for keys, message in problems:
         key = next((k for k in keys if k in table), keys[0])
         checker.issue((*path, key), message)
     if len(checker.issues) > before:
@@ -116,7 +123,48 @@ def check_policy(checker: Checker, table: dict) -> PolicyConfig | None:
         **counts,
         checkpoint_dir=checkpoint_dir,
         members_only=bool(members_only),
+        release_after_cell=release,
     )
+
+
+def optional_duration(checker: Checker, table: dict, key: str, path: tuple) -> float | None:
+    """A duration that may be left out (None); 0 or a bad one is an issue (and None)."""
+    if key not in table:
+        return None
+    try:
+        seconds = parse_duration(table[key])
+    except ValueError as exc:
+        checker.issue((*path, key), str(exc))
+        return None
+    if seconds == 0:
+        checker.issue((*path, key), 'must be more than 0, like "10s"; leave it out to turn it off')
+        return None
+    return seconds
+
+
+def release_problems(release: float, policy: dict[str, float]) -> list[str]:
+    """Why ``release_after_cell`` (seconds, from ``[policy]`` or a group) cannot work with the
+    ``[policy]`` durations ``policy``; empty when it can. ``broker.config.loader`` asks it for
+    each group's value too."""
+    d = format_duration
+    out = []
+    queued = policy["idle_suspend_when_queued"]
+    if release >= queued:
+        out.append(
+            f"release_after_cell ({d(release)}) must be shorter than idle_suspend_when_queued "
+            f"({d(queued)}): a kernel idle that long while others wait is suspended anyway, so "
+            f"per-cell binding would never act; lower it below {d(queued)}"
+        )
+    interval = policy["heartbeat_interval"]
+    if release < interval:
+        out.append(
+            f"release_after_cell ({d(release)}) is shorter than heartbeat_interval "
+            f"({d(interval)}): the broker hears that a cell ended only with a heartbeat, and its "
+            "order reaches the kernel with the next one, so a kernel would keep its GPU for up "
+            f"to twice heartbeat_interval after each cell anyway; lower heartbeat_interval to "
+            f"{d(release)} or less, or raise release_after_cell"
+        )
+    return out
 
 
 def _combinations(v: dict[str, float]) -> list[tuple[tuple[str, ...], str]]:

@@ -173,9 +173,10 @@ class FenceNeeded:
 @dataclass(frozen=True)
 class SuspendIdle:
     """Ask the kernel of ``lease_id`` to checkpoint and end (an order in its next heartbeat
-    reply). ``reason``: "idle", "idle_while_queued", "max_lease" or "quota"; the last two are
-    forced (``broker.core.idle.FORCED``: busy or not, within ``Policy.busy_grace``). Issued once
-    per lease, again after ``Policy.suspend_retry`` if the lease is still granted."""
+    reply). ``reason``: "idle", "idle_while_queued", "after_cell" (per-cell binding), "max_lease"
+    or "quota"; the last two are forced (``broker.core.idle.FORCED``: busy or not, within
+    ``Policy.busy_grace``). Issued once per lease, again after ``Policy.suspend_retry`` if the
+    lease is still granted."""
 
     lease_id: str
     reason: str

@@ -51,6 +51,7 @@ class GroupConfig:
     # scheduler reads only ``members``.
     hub_group: str | None = None
     teacher_hub_group: str | None = None
+    release_after_cell: float | None = None  # overrides Policy.release_after_cell; None: inherit
 
     def allows(self, kind: str) -> bool:
         """True when members of this group may lease a slot of ``kind``."""

@@ -10,7 +10,13 @@ for the reason it gets. The reasons, first match wins:
 - ``"idle"``: no activity for ``policy.idle_suspend_after``;
 - ``"idle_while_queued"``: no activity for ``policy.idle_suspend_when_queued`` while a queued
   request could use the slot (``wanted_kinds``, ``slot_wanted``: not a slot of a drained host,
-  which no queued request can get).
+  which no queued request can get);
+- ``"after_cell"``: per-cell binding (``release_after``: the lease's group's
+  ``release_after_cell``, else the policy's; None: off): no activity for that long since the
+  last cell ended while a queued request could use the slot, once a cell ran on this lease
+  (``ran_a_cell``: a resume takes seconds after the grant, and the cell that woke the kernel
+  must run first). The next cell resumes the kernel, on any slot. Shorter than
+  ``idle_suspend_when_queued`` (the config refuses otherwise).
 
 "quota" and "max_lease" are ``FORCED``: the kernel must stop within ``policy.busy_grace`` even if
 a cell runs; a lease that still holds its slot ``policy.obey_within`` after the first such order
@@ -65,9 +71,32 @@ def suspend_reason(
         return None
     if idle >= policy.idle_suspend_after:
         return "idle"
-    if idle >= policy.idle_suspend_when_queued and slot_wanted():
-        return "idle_while_queued"
+    when_queued = policy.idle_suspend_when_queued
+    per_cell = release_after(lease, policy) if ran_a_cell(lease) else None
+    shortest = when_queued if per_cell is None else min(per_cell, when_queued)
+    if idle >= shortest and slot_wanted():
+        return "idle_while_queued" if idle >= when_queued else "after_cell"
     return None
+
+
+def ran_a_cell(lease: Lease) -> bool:
+    """True when the lease's holder reported activity after the grant: the cell that woke the
+    kernel (asked for before the grant) has run, so "after a cell" applies."""
+    return (
+        lease.last_activity is not None
+        and lease.granted_at is not None
+        and lease.last_activity > lease.granted_at
+    )
+
+
+def release_after(lease: Lease, policy: Policy) -> float | None:
+    """The per-cell binding in force for ``lease``: its group's ``release_after_cell`` when that
+    group sets one, else ``policy.release_after_cell`` (None: off)."""
+    if lease.group is not None:
+        for group in policy.groups:
+            if group.name == lease.group and group.release_after_cell is not None:
+                return group.release_after_cell
+    return policy.release_after_cell
 
 
 def wanted_kinds(

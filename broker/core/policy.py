@@ -29,6 +29,7 @@ class Policy:
     max_queued_per_user: int = 3  # requests one user may have waiting at once
     aging_after: float | None = None  # None: 4 x idle_suspend_when_queued, at least 2 min
     members_only: bool = False  # users in no group are refused (``[policy] members_only``)
+    release_after_cell: float | None = None  # per-cell binding while others wait; None: off
     groups: tuple[GroupConfig, ...] = ()
 
     @property

@@ -21,8 +21,9 @@ usage):
 - the queue is served in ``grant_order``; a class in session keeps its reserved slots;
 - a granted lease without a heartbeat for ``heartbeat_timeout`` expires: its slot is fenced
   (``FenceNeeded``) and granted again only after ``Fenced(ok=True)`` or ``ResetSlot``;
-- idle leases get ``SuspendIdle`` (idle, idle while someone waits, max lease; never a busy one
-  for idleness); a queued request older than ``queue_timeout`` is dropped (0: never).
+- idle leases get ``SuspendIdle`` (idle, idle while someone waits, released after a cell while
+  someone waits when per-cell binding is on, max lease; never a busy one for idleness);
+  a queued request older than ``queue_timeout`` is dropped (0: never).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from broker.config.durations import format_duration
+from broker.core.idle import release_after
 from broker.core.leases import Lease
 from broker.core.quota import DAY_SECONDS, day_of
 from broker.http.auth import Identity, may_see
@@ -80,6 +81,8 @@ def lease_json(service: BrokerService, lease: Lease) -> dict[str, Any]:
             "idle_suspend_when_queued": getattr(policy, "idle_suspend_when_queued", None),
             "max_lease": getattr(policy, "max_lease", None),
             "checkpoint_dir": getattr(policy, "checkpoint_dir", None),
+            # per-cell binding in force for it (its group's, else [policy]'s); null: off
+            "release_after_cell": release_after(lease, service.scheduler.policy),
         },
         "quota": quota_json(service, lease.user),
     }

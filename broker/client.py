@@ -102,6 +102,7 @@ class Lease:
     end_reason: str | None = None
     policy: dict[str, Any] = field(default_factory=dict)
     quota: dict[str, Any] = field(default_factory=dict)
+    waiting: dict[str, Any] | None = None  # queued: why, and until when ({code, message, until})
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Lease:

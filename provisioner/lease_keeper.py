@@ -164,12 +164,10 @@ class LeaseKeeper:
         while lease.state == "queued":
             with self._lock:
                 self._queued = lease
-            if (lease.position, lease.queue_length) != last:
-                say(
-                    f"Waiting for a free {self._slot_words}: position {lease.position} of "
-                    f"{lease.queue_length} in the queue"
-                )
-                last = (lease.position, lease.queue_length)
+            line = waiting_line(lease, self._slot_words, time.time())
+            if line != last:
+                say(line)
+                last = line
             remaining = deadline - time.monotonic()
             cancel.check()
             if remaining <= 0:
@@ -316,3 +314,30 @@ class LeaseKeeper:
 
 
 __all__ = ["Cancelled", "LeaseKeeper", "LeaseListener", "LeaseLost", "LeaseTimeout"]
+
+
+def waiting_line(lease: Lease, slot_words: str, now: float) -> str:
+    """The waiting cell's line: the queue position and the broker's reason, with the time
+    until a slot is expected when the broker knows it (``broker.core.waiting``)."""
+    line = f"Waiting for a free {slot_words}: position {lease.position} of {lease.queue_length}"
+    line += " in the queue"
+    waiting = lease.waiting if isinstance(lease.waiting, dict) else {}
+    message = waiting.get("message")
+    if isinstance(message, str) and message:
+        line += f" ({message}"
+        until = waiting.get("until")
+        if waiting.get("code") == "busy" and isinstance(until, int | float) and until > now:
+            line += f"; a slot is expected in about {_about(until - now)}"
+        line += ")"
+    return line
+
+
+def _about(seconds: float) -> str:
+    """Rounded for a reader: 42 -> "45 s", 200 -> "4 min", 5400 -> "1 h 30 min"."""
+    if seconds < 60:
+        return f"{max(5, 5 * round(seconds / 5))} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h" + (f" {minutes} min" if minutes else "")

@@ -126,7 +126,12 @@ def ui_state(facts: SessionFacts, now: float) -> dict[str, Any]:
     granted = lease is not None and lease.state == "granted"
     queue = None
     if lease is not None and lease.state == "queued":
-        queue = {"position": int(lease.position or 0), "length": int(lease.queue_length)}
+        waiting = lease.waiting if isinstance(lease.waiting, dict) else {}
+        queue = {
+            "position": int(lease.position or 0),
+            "length": int(lease.queue_length),
+            "reason": waiting.get("message") if isinstance(waiting.get("message"), str) else None,
+        }
     slot = lease.slot if granted and lease is not None else None
     host = lease.host.name if granted and lease is not None and lease.host else None
     lease_age = None

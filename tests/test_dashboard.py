@@ -261,12 +261,13 @@ def test_the_queue_says_why_each_request_waits_and_the_class_who_waits(running) 
     browser.sign_in(running.tokens["root"])
     _, _, page = browser.request("GET", "/dashboard/")
     queue = page.split('id="queue"')[1].split("</section>")[0]
-    assert "holds the slots its class allows (ml101: 1 per student)" in queue
-    assert "the free slots are kept for a class in session" in queue
+    assert "you hold the 1 GPU slot your class allows per student (ml101)" in queue
+    assert "GPU slots are kept for class ml101 while it is in session, until 24:00 UTC" in queue
     assert ask("ben", "k5") == "granted"
     assert ask("carl", "k6") == "queued"
     _, _, page = browser.request("GET", "/dashboard/")
-    assert "every sim slot is taken" in page.split('id="queue"')[1]
+    queue = page.split('id="queue"')[1].split("</section>")[0]
+    assert "all 3 &#x27;sim&#x27; GPU slots are in use and 1 request waits before yours" in queue
 
     teacher = running.browser()
     teacher.sign_in(running.tokens["prof"])

@@ -164,7 +164,13 @@ def test_two_kernels_on_two_hosts_and_a_third_waits_for_a_free_slot(pool: Pool, 
     assert waiter.is_alive(), "the third kernel's cell ran although the pool was full"
     assert pool.queued() == 1
     shown = [m["content"]["data"]["text/plain"] for m in seen if "data" in m["content"]]
-    assert "Waiting for a free GPU slot: position 1 of 1 in the queue" in shown
+    waiting = [line for line in shown if line.startswith("Waiting for a free GPU slot")]
+    assert waiting, shown
+    # the position, and why: the broker's reason with the rule that will free a slot
+    assert waiting[-1].startswith(
+        "Waiting for a free GPU slot: position 1 of 1 in the queue (all 2 GPU slots are in use; "
+    ), waiting
+    assert "idle for" in waiting[-1] and "while others wait is suspended" in waiting[-1]
 
     freed_host = where(kc1)["host"]
     kc1.stop_channels()
@@ -173,6 +179,38 @@ def test_two_kernels_on_two_hosts_and_a_third_waits_for_a_free_slot(pool: Pool, 
     assert not waiter.is_alive(), "the third kernel did not start after a slot was released"
     assert third["reply"]["content"]["status"] == "ok"
     assert stdout_of(seen).strip() == freed_host
+
+
+def test_a_cell_on_a_drained_pool_says_so_and_runs_once_a_host_is_back(pool: Pool, started):
+    _, kc = started()
+    admin = ("--url", pool.url)
+    for host in pool.hosts:
+        pool.cli("drain", host.name, *admin, token=pool.admin_token)
+    seen: list[dict] = []
+    done: dict = {}
+
+    def first_cell():
+        done["reply"] = kc.execute_interactive("print('ran')", timeout=60, output_hook=seen.append)
+
+    try:
+        waiter = threading.Thread(target=first_cell, daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 15
+        shown: list[str] = []
+        while time.monotonic() < deadline and not any("drained" in line for line in shown):
+            time.sleep(0.2)
+            shown = [m["content"]["data"]["text/plain"] for m in seen if "data" in m["content"]]
+        names = ", ".join(sorted(h.name for h in pool.hosts))
+        reason = f"on a host the admin drained for maintenance ({names})"
+        assert any(reason in line for line in shown), shown
+        assert waiter.is_alive()
+        pool.cli("undrain", pool.hosts[0].name, *admin, token=pool.admin_token)
+        waiter.join(40)
+        assert not waiter.is_alive(), "the cell did not run after the host was undrained"
+        assert done["reply"]["content"]["status"] == "ok" and stdout_of(seen).strip() == "ran"
+    finally:
+        for host in pool.hosts:
+            pool.cli("undrain", host.name, *admin, token=pool.admin_token, check=False)
 
 
 def test_a_restarted_jupyter_server_reattaches_to_the_running_kernel(pool: Pool, started):

@@ -55,7 +55,7 @@ def test_a_new_kernel_without_lease_is_unattached_and_shows_nothing_held() -> No
 def test_queued_shows_position_and_length() -> None:
     state = ui_state(facts(lease=lease("queued", position=1, queue_length=3)), NOW)
     assert state["state"] == "queued"
-    assert state["queue"] == {"position": 1, "length": 3}
+    assert state["queue"] == {"position": 1, "length": 3, "reason": None}
     assert state["kind"] == "sim" and state["host"] is None
 
 

@@ -16,7 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from broker.core.groups import DAY_SECONDS, GroupConfig
-from broker.core.leases import ANY_KIND, Lease
+from broker.core.leases import Lease
+from broker.core.waiting import why_waiting
 from broker.http.auth import Identity, taught_groups
 from broker.http.board_plot import class_plot, in_use_steps, reserved_steps
 from broker.http.usage import usage_report
@@ -136,10 +137,6 @@ def _pool(
                 "idle": "busy" if lease is not None and lease.busy else duration(idle),
             }
         )
-    free: dict[str, int] = {}
-    for slot in service.scheduler.slots():
-        if states[slot.id] == "free":
-            free[slot.kind] = free.get(slot.kind, 0) + 1
     for position, lease in enumerate(service.scheduler.queue(), start=1):
         board.queue.append(
             {
@@ -147,42 +144,10 @@ def _pool(
                 "user": lease.user,
                 "kind": lease.kind,
                 "waited": duration(now - lease.created_at),
-                "reason": queue_reason(service, lease, free, live),
+                "reason": why_waiting(service.scheduler, lease, now).message,
             }
         )
     board.suspended = [_suspended_row(row, now) for row in kept]
-
-
-def queue_reason(
-    service: BrokerService, lease: Lease, free: dict[str, int], live: list[Lease]
-) -> str:
-    """Why ``lease`` still waits (``free``: free slots by kind)."""
-    scheduler = service.scheduler
-    held = scheduler.held_by(lease.user)
-    most = scheduler.policy.max_leases_per_user
-    if held >= most:
-        return f"holds {held} slots, the most one user may hold"
-    groups = [
-        g for g in scheduler.groups_of(lease.user) if lease.kind == ANY_KIND or g.allows(lease.kind)
-    ]
-    if groups:
-        charged = {
-            g.name: sum(
-                1
-                for lease in live
-                if lease.user == lease.user and lease.state == "granted" and lease.group == g.name
-            )
-            for g in groups
-        }
-        if all(charged[g.name] >= g.max_slots_per_user for g in groups):
-            names = ", ".join(g.name for g in groups)
-            most_in_class = groups[0].max_slots_per_user
-            return f"holds the slots its class allows ({names}: {most_in_class} per student)"
-    fitting = sum(n for kind, n in free.items() if lease.kind in (ANY_KIND, kind))
-    if fitting == 0:
-        what = "slot" if lease.kind == ANY_KIND else f"{lease.kind} slot"
-        return f"every {what} is taken"
-    return "the free slots are kept for a class in session"
 
 
 def _class(

@@ -13,6 +13,7 @@ from broker.config.durations import format_duration
 from broker.core.idle import release_after
 from broker.core.leases import Lease
 from broker.core.quota import DAY_SECONDS, day_of
+from broker.core.waiting import why_waiting
 from broker.http.auth import Identity, may_see
 from broker.store.host_records import CheckpointRow
 
@@ -65,6 +66,12 @@ def lease_json(service: BrokerService, lease: Lease) -> dict[str, Any]:
         "state": lease.state,
         "position": service.scheduler.position(lease.id) if lease.state == "queued" else None,
         "queue_length": service.scheduler.queue_length,
+        # why it waits and when that may lift (``broker.core.waiting``); null unless queued
+        "waiting": (
+            why_waiting(service.scheduler, lease, service.clock()).as_json()
+            if lease.state == "queued"
+            else None
+        ),
         "slot": slot_json(service, lease.slot_id),
         "host": host_json(service, lease),
         "heartbeat_interval": policy.heartbeat_interval,

@@ -6,6 +6,7 @@
 export interface IQueue {
   position: number;
   length: number;
+  reason?: string | null; // why it waits, from the broker (broker/core/waiting.py)
 }
 
 export interface ICheckpoint {
@@ -119,7 +120,11 @@ export function panelLines(state: IUiState, now: number): [string, string][] {
     lines.push(['kind', state.kind]);
   }
   if (state.queue) {
-    lines.push(['queue', `position ${state.queue.position} of ${state.queue.length}`]);
+    let queue = `position ${state.queue.position} of ${state.queue.length}`;
+    if (state.queue.reason) {
+      queue += `: ${state.queue.reason}`;
+    }
+    lines.push(['queue', queue]);
   }
   if (state.lease_age_s !== null) {
     lines.push(['lease age', duration(state.lease_age_s)]);

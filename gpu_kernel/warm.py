@@ -35,6 +35,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from gpu_kernel import __version__
@@ -66,6 +67,23 @@ def socket_path(host_dir: Path, owner: str) -> Path:
     return warm_dir(host_dir) / f"{check_user_name(owner)}.sock"
 
 
+SUN_PATH_MAX = 107  # bytes of an AF_UNIX socket path, less the NUL (Linux)
+
+
+@contextlib.contextmanager
+def sock_name(path: Path) -> Iterator[str]:
+    """A name for ``bind``/``connect`` that reaches ``path`` even when its runtime dir is too
+    deep for AF_UNIX (108 bytes): through ``/proc/self/fd`` and a descriptor of its folder."""
+    if len(os.fsencode(str(path))) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
+
+
 def check_modules(names: list[str]) -> list[str]:
     """Module names to preload, each checked (they become ``import`` statements)."""
     for name in names:
@@ -93,9 +111,7 @@ def _message(sock: socket.socket, data: dict) -> dict:
     return reply
 
 
-def launch(
-    host_dir: Path, owner: str, rdir: Path, env: dict[str, str], cwd: str
-) -> int | None:
+def launch(host_dir: Path, owner: str, rdir: Path, env: dict[str, str], cwd: str) -> int | None:
     """Ask the owner's warm interpreter on this host to fork the kernel of runtime dir ``rdir``
     (its connection file written); its pid, or None when none answered or it refused."""
     path = socket_path(host_dir, owner)
@@ -104,7 +120,8 @@ def launch(
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(CONNECT_TIMEOUT)
-        sock.connect(str(path))
+        with sock_name(path) as name:
+            sock.connect(name)
         reply = _message(
             sock,
             {
@@ -134,7 +151,8 @@ def ensure(host_dir: Path, owner: str, idle: float, preload: list[str]) -> None:
     if path.exists():
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
             probe.settimeout(CONNECT_TIMEOUT)
-            probe.connect(str(path))
+            with sock_name(path) as name:
+                probe.connect(name)
             return
     wdir = warm_dir(host_dir)
     wdir.mkdir(mode=0o700, exist_ok=True)
@@ -187,7 +205,8 @@ class WarmInterpreter:
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        listener.bind(str(tmp))
+        with sock_name(tmp) as name:
+            listener.bind(name)
         os.chmod(tmp, 0o600)
         os.replace(tmp, self.path)  # the newest warm interpreter takes over the name
         fd = os.open(self._marker, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)

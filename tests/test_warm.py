@@ -78,6 +78,23 @@ def test_the_second_start_is_warm_and_its_kernel_is_whole(launch: Launch) -> Non
     assert out.split() == ["MIG-7777", req.kernel_id, str(os.getuid()), "True", "42"]
 
 
+def test_a_runtime_dir_too_deep_for_a_unix_socket_still_starts_warm(
+    launch: Launch, tmp_path: Path
+) -> None:
+    # a home directory deep enough that <runtime>/<host>/.warm/<user>.sock passes AF_UNIX's
+    # 108 bytes: the interpreter was left unable to listen, and every start was cold
+    root = tmp_path / ("d" * 60) / ("e" * 60) / "rt"
+    first, reply = launch(runtime_root=str(root))
+    assert not reply.warm
+    assert len(str(warm.socket_path(host_dir_of(first), first.owner))) > 108
+    pid = interpreter_pid(first)
+    try:
+        _, reply = launch(runtime_root=str(root))
+        assert reply.warm
+    finally:
+        os.kill(pid, signal.SIGTERM)
+
+
 def test_a_kernel_forked_warm_is_watched_killed_and_reports_its_end(
     launch: Launch, conn: HostConnection
 ) -> None:

@@ -185,32 +185,20 @@ class BlobStore:
         size = sum(len(v) for v in views)
         if self.has(d, size):
             return 0
-        folder = self.root / d[:2]
-        folder.mkdir(mode=0o700, exist_ok=True)
-        tmp = folder / f".{d}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, _FLAGS, 0o600)
-        try:
+
+        def fill(fd: int) -> None:
             for view in views:
                 _write_all(fd, view)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(tmp, self.path(d))
-        self._dirty.add(folder)
+
+        self._commit(d, fill)
         return size
 
     def put_verified(self, d: str, nbytes: int, read: Callable[[int], bytes]) -> int:
         """Write a blob of ``nbytes`` from the stream ``read``, refusing it unless its bytes
         hash to ``d`` (an import); returns the bytes written (0: it was here)."""
         assert self._lock_fd is not None, "write blobs inside `with store.writing()`"
-        folder = self.root / d[:2]
-        folder.mkdir(mode=0o700, exist_ok=True)
-        tmp = folder / f".{d}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(tmp, _FLAGS, 0o600)
-        try:
+
+        def fill(fd: int) -> None:
             leaves, left = [], nbytes
             while left or not leaves:
                 chunk = _read_exactly(read, min(CHUNK, left))
@@ -219,6 +207,19 @@ class BlobStore:
                 left -= len(chunk)
             if _root(nbytes, leaves) != d:
                 raise BlobError(d, "arrived with bytes that do not match its digest")
+
+        self._commit(d, fill)
+        return nbytes
+
+    def _commit(self, d: str, fill: Callable[[int], None]) -> None:
+        """Write blob ``d`` whole or not at all: ``fill(fd)`` writes a private temporary file
+        (0600), which is fsync'd and renamed into place; on any error it is removed."""
+        folder = self.root / d[:2]
+        folder.mkdir(mode=0o700, exist_ok=True)
+        tmp = folder / f".{d}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(tmp, _FLAGS, 0o600)
+        try:
+            fill(fd)
             os.fsync(fd)
         except BaseException:
             os.close(fd)
@@ -227,7 +228,6 @@ class BlobStore:
         os.close(fd)
         os.replace(tmp, self.path(d))
         self._dirty.add(folder)
-        return nbytes
 
     def sync(self) -> None:
         """fsync the folders blobs were renamed into (before a manifest names them)."""

@@ -10,7 +10,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -400,17 +399,14 @@ def test_crash_mid_save_leaves_nothing_that_loads(
         load_namespace(tmp_path / "half", KEY)
 
 
-def test_ten_thousand_small_objects_fast(tmp_path: Path) -> None:
+def test_ten_thousand_small_objects_round_trip(tmp_path: Path) -> None:
+    # how fast: bench/suspend_resume.py (--objects); a timed assertion here fails on a busy machine
     ns: dict[str, Any] = {}
     for i in range(10_000):
         ns[f"v{i}"] = [i, f"s{i}", {"k": i, "l": [i, i + 1]}, (i, 1.5)][i % 4]
-    t0 = time.perf_counter()
     save_namespace(ns, tmp_path / "ck", KEY)
-    t1 = time.perf_counter()
     out, loaded = load_namespace(tmp_path / "ck", KEY)
-    t2 = time.perf_counter()
     assert out == ns and len(loaded.variables) == 10_000
-    assert t1 - t0 < 2.0 and t2 - t1 < 2.0, (t1 - t0, t2 - t1)
 
 
 def test_one_bad_object_among_many(tmp_path: Path) -> None:

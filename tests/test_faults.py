@@ -229,6 +229,36 @@ def test_a_kernel_killed_on_its_host_is_seen_at_once_and_restarts_on_its_slot(
     assert content["status"] == "ok" and out.strip() == slot
 
 
+def test_a_kernel_killed_while_restoring_is_explained_at_once_and_the_state_kept(
+    fault_pool: Pool, checker: SlotChecker
+):
+    km, kc = fault_pool.start_kernel()
+    run(kc, slow_load(8) + "kept = 'me'")
+    session = km.provisioner.session
+    assert session.request_suspend("test")
+    wait_until(lambda: phase_of(km) is Phase.SUSPENDED, 30, "the suspend")
+    msg_id = kc.execute("print(kept)")
+    wait_until(lambda: phase_of(km) is Phase.RESUMING and session.kernel, 30, "the restore")
+    time.sleep(0.5)  # the restore is under way (it takes 8 s)
+    os.kill(session.kernel.reply.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    reply = kc.get_shell_msg(timeout=30)
+    seen = time.monotonic() - killed
+    assert reply["parent_header"]["msg_id"] == msg_id
+    assert reply["content"]["ename"] == "ResumeFailed", reply["content"]
+    assert "the kernel died while restoring" in reply["content"]["evalue"]
+    assert "SIGKILL" in reply["content"]["evalue"]
+    assert seen < 5, f"the cell learned of the death after {seen:.1f}s"
+    report(
+        "the kernel SIGKILLed while it restores",
+        "the cell says the kernel died while restoring; the next cell resumed whole",
+        seen,
+    )
+    content, out, _ = run(kc, "print(kept)", timeout=90)  # the checkpoint was kept
+    assert content["status"] == "ok", content
+    assert out.strip().splitlines()[-1] == "me"
+
+
 def test_the_broker_killed_during_a_queue_wait_and_a_resume_loses_nothing(
     fault_pool: Pool, checker: SlotChecker
 ):

@@ -99,6 +99,7 @@ class ForwardPump:
         self._listeners: dict[socket.socket, int] = {}
         self._closing: set[int] = set()  # local ports whose listener and pipes go away
         self._pipes: list[_Pipe] = []
+        self._refused: set[int] = set()  # remote ports whose last channel open failed
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -224,7 +225,11 @@ class ForwardPump:
                     "direct-tcpip", ("127.0.0.1", remote_port), peer, timeout=OPEN_TIMEOUT
                 )
             except Exception as e:  # ChannelException (refused there), SSHException, EOFError
-                log.info("cannot open a tunnel to port %d on the host: %s", remote_port, e)
+                # once per port: a kernel that is exiting is asked again until its forwards close
+                level = logging.DEBUG if remote_port in self._refused else logging.INFO
+                self._refused.add(remote_port)
+                log.log(level, "cannot open a tunnel to port %d on the host: %s", remote_port, e)
                 conn.close()
                 continue
+            self._refused.discard(remote_port)
             self._pipes.append(_Pipe(conn, chan, local_port))

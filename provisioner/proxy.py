@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 CHANNELS = ("shell", "iopub", "stdin", "control", "hb")
 _BATCH = 256  # messages drained from one socket before polling again (fairness)
+UPSTREAM_RECONNECT_MAX_MS = 1000  # the upstream sockets' reconnect backoff, at most
 LOST_TEXT = (
     "the connection to the kernel's host dropped while this cell was running or waiting to run; "
     "its output and result were lost (whatever it did to the kernel's variables is kept); "
@@ -379,6 +380,10 @@ class SessionProxy:
             ):
                 sock = self._ctx.socket(kind)
                 sock.linger = 0
+                # a kernel that exits (a suspend: its save is done, its process is ending) is
+                # asked for again with backoff up to 1 s, not every 100 ms: each try opens an
+                # SSH channel to a closed port (hundreds per suspend on a loaded machine)
+                sock.reconnect_ivl_max = UPSTREAM_RECONNECT_MAX_MS
                 if kind == zmq.DEALER and channel != "control":
                     # the kernel routes input_request by shell identity; the same kernel after
                     # a reconnect sends its pending replies to the same identity

@@ -5,9 +5,10 @@ a local python3 kernel, measured in the same run.
 
 Starts a real broker and one real sshd on loopback (as the tests do; needs openssh-server), then
 prints a table with both sides and their ratio. Not a test: timings on shared machines drift, so
-read the ratios. The Shared GPU kernel is measured both ways: with eager attach (the start takes
-the lease and launches, as a local start does) and with lazy attach (the default: the start
-takes nothing, and the first cell pays for the lease and the launch).
+read the ratios. The Shared GPU kernel is measured three ways: with eager attach (the start takes
+the lease and launches, as a local start does), warm (the host keeps a warm interpreter: every
+start but the first forks from it) and cold (``--warm 0``); and with lazy attach (the default:
+the start takes nothing, and the first cell pays for the lease and the launch).
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ def main() -> None:
         try:
             pool.start()
             pool.install_spec(name="shared-gpu-eager", attach="eager")
+            pool.install_spec(name="shared-gpu-cold", attach="eager", warm="0")
             pool.install_spec(name="shared-gpu")  # lazy: the default
             os.environ["SHARED_GPU_TOKEN"] = pool.user_token
             # alternate sides so drift on a shared machine hits both
@@ -137,6 +139,12 @@ def main() -> None:
                 args.starts,
                 args.round_trips,
             )
+            cold = measure(
+                "Shared GPU (eager, no warm interpreter)",
+                lambda: pool.kernel_manager("shared-gpu-cold"),
+                args.starts,
+                0,
+            )
             lazy = measure("Shared GPU (lazy)", pool.kernel_manager, args.starts, 0)
         finally:
             pool.stop()
@@ -144,7 +152,8 @@ def main() -> None:
                 host.stop()
 
     rows = [
-        ("start to first kernel_info_reply (s, median)", "start_s", eager, 1.5),
+        ("start to first kernel_info_reply, warm (s)", "start_s", eager, 0.8),
+        ("start to first kernel_info_reply, cold (s)", "start_s", cold, 1.5),
         ("execute round trip, median (ms)", "rtt_median_ms", eager, 1.3),
         ("execute round trip, p99 (ms)", "rtt_p99_ms", eager, 2.0),
         ("lazy: start to ready (s, median)", "ready_s", lazy, None),

@@ -187,11 +187,15 @@ def main(argv: list[str] | None = None) -> int:
         }
         results = {task: future.result() for task, future in futures.items()}
     print_tables(results, policies)
-    plot(results, policies, args.plot)
-    print(f"\nplot: {args.plot}; {time.time() - started:.0f} s")
     if args.json:
         rows = [p.__dict__ for pts in results.values() for p in pts]
         args.json.write_text(json.dumps({"costs": costs.source, "points": rows}, default=str))
+    try:
+        plot(results, policies, args.plot)
+    except ImportError as exc:  # the tables above stand without it
+        print(f"\nno plot: {exc} (pip install matplotlib, or scripts/setup-env lab,test)")
+        return 1
+    print(f"\nplot: {args.plot}; {time.time() - started:.0f} s")
     return 0
 
 

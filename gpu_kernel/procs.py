@@ -51,6 +51,14 @@ def write_pid_file(rdir: Path, pid: int) -> None:
         f.write(f"{pid} {started if started is not None else ''}".rstrip() + "\n")
 
 
+def recorded_pid(rdir: Path) -> int | None:
+    """The pid ``rdir``'s pid file names, alive or not (None: no readable pid file)."""
+    try:
+        return int((rdir / PID_FILE).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def owned_pid(rdir: Path) -> int | None:
     """The pid in ``rdir``'s pid file when that very process is alive (same start time; a pid
     file without one, from an older launcher: the command line must name the connection file)."""

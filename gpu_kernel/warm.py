@@ -38,7 +38,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpu_kernel import __version__
+from gpu_kernel import __version__, procs
 from gpu_kernel.protocol import PROTOCOL_VERSION as PROTOCOL
 from gpu_kernel.protocol import check_user_name
 
@@ -355,6 +355,8 @@ class WarmInterpreter:
             rdir = self.children.pop(pid, None)
             if rdir is None or (rdir / "exit_code").exists():
                 continue
+            if procs.recorded_pid(rdir) != pid:
+                continue  # the dir is a newer incarnation's (a resume on this host): not ours
             code = 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
             with contextlib.suppress(OSError):
                 (rdir / "exit_code").write_text(f"{code}\n")

@@ -8,6 +8,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -178,3 +180,41 @@ def test_an_identity_not_from_its_user_is_refused(launch: Launch) -> None:
         reply = ask(path, {**good, **change})
         assert reply["ok"] is False and words in reply["error"], (change, reply)
     assert not (other / "kernel.log").exists(), "a refused identity must start nothing"
+
+
+def test_a_late_reap_never_writes_into_a_newer_incarnations_dir(tmp_path: Path) -> None:
+    # a kernel suspends (exit 75) and resumes on this host in the same runtime dir before the
+    # warm interpreter reaps the first process: that reap must not leave "75" in the new
+    # kernel's dir (its death by SIGKILL was then reported as "exit code 75")
+    code = f"""
+import os, sys, time
+from pathlib import Path
+from gpu_kernel import procs
+from gpu_kernel.warm import WarmInterpreter
+rdir = Path({str(tmp_path)!r}) / "rt" / "k1"
+rdir.mkdir(parents=True)
+w = WarmInterpreter(Path({str(tmp_path)!r}) / "rt", "tester", 60)
+first = os.fork()
+if first == 0:
+    time.sleep(0.5)
+    os._exit(75)
+w.children[first] = rdir
+procs.write_pid_file(rdir, os.getpid())  # the newer incarnation's pid file
+time.sleep(1.0)
+w._reap()
+print("written" if (rdir / "exit_code").exists() else "clean")
+second = os.fork()  # the same kernel's own dir: its end is recorded
+if second == 0:
+    time.sleep(0.2)
+    os._exit(9)
+w.children[second] = rdir
+(rdir / "kernel.pid").unlink()  # as the launcher's _prepare_dir does
+procs.write_pid_file(rdir, second)
+time.sleep(0.5)
+w._reap()
+print((rdir / "exit_code").read_text().strip())
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    assert out == ["clean", "9"]

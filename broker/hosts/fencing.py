@@ -164,6 +164,9 @@ class HostWork:
         future: Future = self._pool.submit(_safe, job)
 
         def finished(fut: Future) -> None:
+            if fut.cancelled():  # close() dropped it before it ran: a restart fences again
+                log.info("host job dropped: the broker stopped before it ran")
+                return
             result = fut.result()
             try:
                 loop.call_soon_threadsafe(done, result)

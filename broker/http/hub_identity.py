@@ -147,6 +147,7 @@ class HubIdentities:
         pending = self._lookups.get(digest)
         if pending is None:
             pending = asyncio.ensure_future(self._look_up(digest, token))
+            pending.add_done_callback(_seen)  # its caller may be gone (a client hung up)
             self._lookups[digest] = pending
         return await asyncio.shield(pending)
 
@@ -228,6 +229,8 @@ class HubIdentities:
             if self._groups_future is None:
                 self._groups_started = self.clock()
                 self._groups_future = asyncio.ensure_future(self._fetch_groups())
+                # a caller that stopped waiting (FRESH_WAIT) leaves its failure to stats and logs
+                self._groups_future.add_done_callback(_seen)
             started, future = self._groups_started, self._groups_future
             recent = self._recent_members()
             try:
@@ -329,3 +332,10 @@ def look_up(hub: HubIdentities | None, token: str, fresh_groups: bool) -> Lookup
         return await hub.user(token) if hub_token else None
 
     return Lookup(wait=wait())
+
+
+def _seen(task: asyncio.Future) -> None:
+    """Mark a shared hub call's outcome as retrieved: its failure is counted and told to the
+    callers still waiting, and must not come back as "Task exception was never retrieved"."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("hub call failed: %s", task.exception())

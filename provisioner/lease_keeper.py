@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from broker.client import BrokerClient, Lease
-from broker.errors import BrokerError, BrokerUnreachable
+from broker.errors import BrokerError, BrokerRequestError, BrokerUnreachable
 from gpu_kernel.cancel import Cancelled, CancelToken
 from gpu_kernel.errors import SharedGPUError
 from provisioner.proxy_state import Activity
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 POLL_WAIT = 30.0  # s a queued request's long poll may wait at the broker
 BROKER_RETRY = 1.0  # s between tries while the broker cannot be reached
 BROKER_RESTART = 6.0  # s a new request waits for a broker that refuses connections
+HUB_WAIT = 60.0  # s a new request is asked again while the broker cannot reach JupyterHub
 
 
 class LeaseTimeout(SharedGPUError):
@@ -110,6 +111,7 @@ class LeaseKeeper:
         # a broker that does not answer the request at all is waited for briefly (a restart
         # takes seconds); once our request is in its queue, it is on its disk: wait it out
         ask_until = min(deadline, time.monotonic() + BROKER_RESTART)
+        hub_until: float | None = None  # from the first "cannot reach JupyterHub"
         try:
             with cancel.hook(client.abort):
                 while request is None:
@@ -122,6 +124,14 @@ class LeaseKeeper:
                         if "connection refused" not in err.message:
                             raise
                         self._wait_for_broker(err, cancel, ask_until, say)
+                    except BrokerRequestError as err:
+                        # the broker could not ask JupyterHub who we are (a hub busy spawning
+                        # a class's servers times out): nothing was queued, ask again briefly
+                        if err.code != "hub_unreachable":
+                            raise
+                        if hub_until is None:
+                            hub_until = min(deadline, time.monotonic() + HUB_WAIT)
+                        self._wait_for_broker(err, cancel, hub_until, say)
                 request = self._wait_in_queue(client, request, cancel, deadline, say)
         except BaseException:
             with self._lock:
@@ -140,7 +150,7 @@ class LeaseKeeper:
 
     def _wait_for_broker(
         self,
-        err: BrokerUnreachable,
+        err: BrokerUnreachable | BrokerRequestError,
         cancel: CancelToken,
         deadline: float,
         say: Callable[[str], None],

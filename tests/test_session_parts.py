@@ -7,7 +7,12 @@ import threading
 import time
 from typing import Any
 
+import pytest
+
 from broker.client import HeartbeatReply, HostInfo, Lease, SlotInfo
+from broker.errors import BrokerRequestError
+from gpu_kernel.cancel import CancelToken
+from provisioner import lease_keeper
 from provisioner.executions import Executions
 from provisioner.lease_keeper import LeaseKeeper
 from provisioner.proxy_state import Activity
@@ -119,3 +124,48 @@ def test_the_heartbeat_thread_survives_a_bug_says_so_and_drops_an_ended_lease() 
     calls = broker.calls
     time.sleep(0.3)
     assert broker.calls == calls, "no heartbeats for a lease we no longer hold"
+
+
+class HubSlowBroker(FakeBroker):
+    """Answers a lease request with the broker's 503 "cannot reach JupyterHub" ``fails`` times."""
+
+    def __init__(self, fails: int) -> None:
+        super().__init__([])
+        self.fails = fails
+        self.requests = 0
+
+    def request_lease(self, kind: str, kernel_id: str, resume_from: str | None = None) -> Lease:
+        self.requests += 1
+        if self.requests <= self.fails:
+            raise BrokerRequestError(
+                503, "hub_unreachable", "broker: cannot reach JupyterHub at http://hub:8081"
+            )
+        return granted()
+
+
+def test_a_lease_request_is_asked_again_while_the_broker_cannot_reach_the_hub(
+    monkeypatch,
+) -> None:
+    # a hub busy spawning a class's servers times out the broker's lookup: the student's first
+    # cell waits and asks again instead of failing (30 hub users: 1 failed start before)
+    monkeypatch.setattr(lease_keeper, "BROKER_RETRY", 0.05)
+    broker = HubSlowBroker(fails=2)
+    keeper = LeaseKeeper(lambda: broker, "k1", "sim", lambda: None, Listener())
+    said: list[str] = []
+    try:
+        lease = keeper.acquire(CancelToken(), 30, said.append)
+    finally:
+        keeper.close()
+    assert lease.state == "granted" and broker.requests == 3
+    assert any("cannot reach JupyterHub" in line and "retrying" in line for line in said)
+    # other refusals are not asked again
+    refusing = HubSlowBroker(fails=0)
+    refusing.request_lease = lambda *a, **k: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        BrokerRequestError(403, "forbidden", "broker: not yours")
+    )
+    keeper = LeaseKeeper(lambda: refusing, "k2", "sim", lambda: None, Listener())
+    try:
+        with pytest.raises(BrokerRequestError, match="not yours"):
+            keeper.acquire(CancelToken(), 30, said.append)
+    finally:
+        keeper.close()

@@ -175,7 +175,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         for issue in exc.issues:
             print(issue)
         return 1
-    print(f"{args.file}: OK, {len(config.hosts)} hosts, {len(config.slots)} slots")
+    hosts, slots = _count(len(config.hosts), "host"), _count(len(config.slots), "slot")
+    print(f"{args.file}: OK, {hosts}, {slots}")
     return 0
 
 
@@ -285,7 +286,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
                 raise
             print(f"gpu-broker: {exc.message}", file=sys.stderr)
             return 1
-    print(f"reloaded {reply.get('path')}: {reply.get('hosts')} hosts, {reply.get('slots')} slots")
+    hosts, slots = _count(reply.get("hosts", 0), "host"), _count(reply.get("slots", 0), "slot")
+    print(f"reloaded {reply.get('path')}: {hosts}, {slots}")
     return 0
 
 
@@ -396,3 +398,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
+
+
+def _count(n: int, noun: str) -> str:
+    """ "1 host", "3 hosts"."""
+    return f"{n} {noun}" + ("" if n == 1 else "s")

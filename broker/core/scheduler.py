@@ -342,7 +342,7 @@ class Scheduler(SchedulerState):
         if not candidates:
             return out
         sessions = tuple(g for g in self.policy.groups if g.in_session(now) is not None)
-        reservations = reservation_needs(sessions, self._holders(), now) if sessions else []
+        reservations = reservation_needs(sessions, self.holders(), now) if sessions else []
         for lease_id in in_grant_order(candidates, self._leases, self._key_at(now)):
             lease = self._leases[lease_id]
             if not may_hold(self.held_by(lease.user), self.policy):
@@ -367,7 +367,7 @@ class Scheduler(SchedulerState):
             if not self.pool.any_free():
                 break
             if reservations:
-                reservations = reservation_needs(sessions, self._holders(), now)
+                reservations = reservation_needs(sessions, self.holders(), now)
         return out
 
     def _drop_over_quota(self, now: float) -> list[Decision]:

@@ -210,7 +210,8 @@ class SchedulerState:
             key = (lease.user, lease.group)
             self._in_group[key] = self._in_group.get(key, 0) + 1
 
-    def _holders(self) -> list[tuple[str, str]]:
+    def holders(self) -> list[tuple[str, str]]:
+        """(user, slot kind) of every granted lease: what ``fairness.reservation_needs`` reads."""
         out = []
         for lease in self._leases.values():
             if lease.slot_id is not None:
@@ -273,4 +274,3 @@ class _PerUser(Mapping[str, float]):
 
     def __len__(self) -> int:
         return len(self._seen)
-

@@ -76,7 +76,7 @@ def why_waiting(state: SchedulerState, lease: Lease, now: float) -> Waiting:
     free = [s for s in slots if states[s.id] == "free"]
     if free:
         sessions = tuple(g for g in policy.groups if g.in_session(now) is not None)
-        reservations = reservation_needs(sessions, _holders(state), now) if sessions else []
+        reservations = reservation_needs(sessions, state.holders(), now) if sessions else []
         counts = state.pool.free_counts()
         if reservations and all(blocked(lease.user, s.kind, reservations, counts) for s in free):
             return _reserved(lease, reservations, what, now)
@@ -120,16 +120,6 @@ def _kinds_for(lease: Lease, state: SchedulerState, groups: tuple[GroupConfig, .
     if groups and all(g.kinds for g in groups):
         kinds &= {k for g in groups for k in g.kinds}
     return kinds
-
-
-def _holders(state: SchedulerState) -> list[tuple[str, str]]:
-    """(user, slot kind) of every granted lease: what ``reservation_needs`` reads."""
-    out = []
-    for lease in state.leases():
-        slot = state.slot(lease.slot_id) if lease.slot_id else None
-        if slot is not None:
-            out.append((lease.user, slot.kind))
-    return out
 
 
 def _reserved(lease: Lease, reservations: list[Reservation], what: str, now: float) -> Waiting:

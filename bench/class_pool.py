@@ -31,6 +31,7 @@ from broker.config.loader import load_config  # noqa: E402
 from broker.http.auth import create_token  # noqa: E402
 from broker.store.sqlite import Store  # noqa: E402
 from provisioner.install import main as install_kernelspec  # noqa: E402
+from tests.pool import host_table  # noqa: E402
 from tests.sshd import ClientKeys, TestHost, free_port  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -78,23 +79,7 @@ def broker_toml(
         count = slots // len(hosts) + (index < slots % len(hosts))
         if not count:
             continue
-        lines += [
-            "[[hosts]]",
-            f'name = "{host.name}"',
-            f'address = "{host.address}"',
-            f"port = {host.port}",
-            f'user = "{host.user}"',
-            f'key_file = "{keys.key_file}"',
-            f'known_hosts = "{keys.known_hosts}"',
-            f'python = "{sys.executable}"',
-            f'fence_user = "{host.user}"',
-            f'fence_key_file = "{keys.fence_key_file}"',
-            "  [[hosts.slots]]",
-            '  kind = "sim"',
-            "  simulated = true",
-            f"  count = {count}",
-            "",
-        ]
+        lines += [*host_table(host, keys), "  simulated = true", f"  count = {count}", ""]
     return "\n".join(lines)
 
 

@@ -45,24 +45,27 @@ def broker_config(port: int, hosts: list[TestHost], keys: ClientKeys, **policy: 
         ),
     ]
     for index, host in enumerate(hosts):
-        lines += [
-            "",
-            "[[hosts]]",
-            f'name = "{host.name}"',
-            f'address = "{host.address}"',
-            f"port = {host.port}",
-            f'user = "{host.user}"',
-            f'key_file = "{keys.key_file}"',
-            f'known_hosts = "{keys.known_hosts}"',
-            f'python = "{sys.executable}"',
-            f'fence_user = "{host.user}"',
-            f'fence_key_file = "{keys.fence_key_file}"',
-            "  [[hosts.slots]]",
-            '  kind = "sim"',
-            f'  device = "{index}"',
-            "  simulated = true",
-        ]
+        lines += ["", *host_table(host, keys), f'  device = "{index}"', "  simulated = true"]
     return "\n".join(lines) + "\n"
+
+
+def host_table(host: TestHost, keys: ClientKeys) -> list[str]:
+    """The ``[[hosts]]`` table of a test host, through to the start of its one
+    ``[[hosts.slots]]`` of kind "sim" (the caller adds the slot's other keys)."""
+    return [
+        "[[hosts]]",
+        f'name = "{host.name}"',
+        f'address = "{host.address}"',
+        f"port = {host.port}",
+        f'user = "{host.user}"',
+        f'key_file = "{keys.key_file}"',
+        f'known_hosts = "{keys.known_hosts}"',
+        f'python = "{sys.executable}"',
+        f'fence_user = "{host.user}"',
+        f'fence_key_file = "{keys.fence_key_file}"',
+        "  [[hosts.slots]]",
+        '  kind = "sim"',
+    ]
 
 
 def shut_down(km: KernelManager, timeout: float = 15.0) -> None:

@@ -40,7 +40,7 @@ from class_model import POLICIES, WAIT_LIMIT, Costs, Day, Waits, capacity  # noq
 from class_pool import Outcome, broker_tick, rehearse  # noqa: E402
 from class_sim import simulate  # noqa: E402
 
-from tests.sshd import ClientKeys, start_hosts  # noqa: E402
+from tests.sshd import ClientKeys, end_warm_interpreters, start_hosts  # noqa: E402
 
 # -- from the outcomes: the fitted costs, the model beside the rehearsal, the tables --------------
 
@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for host in hosts:
             host.stop()
+        end_warm_interpreters(base)  # the students' kernels left one per user and host
     commit = subprocess.run(
         ["git", "-C", str(HERE), "log", "-1", "--format=%h %s"], capture_output=True, text=True
     ).stdout.strip()

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -25,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from gpu_kernel import __version__, procs, warm
+from gpu_kernel import __version__, fdwait, procs, warm
 from gpu_kernel.errors import BadRequest
 from gpu_kernel.protocol import (
     PORT_NAMES,
@@ -316,7 +315,7 @@ def watch(
                 if proc.returncode is not None:
                     break
             elif pidfd is not None:
-                if select.select([pidfd], [], [], interval)[0]:
+                if fdwait.ready([pidfd], (), interval)[0]:
                     break
             else:
                 time.sleep(interval)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import logging
-import select
 import shlex
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from typing import IO
 
 import paramiko
 
+from gpu_kernel import fdwait
 from gpu_kernel.cancel import NEVER, CancelToken
 from gpu_kernel.errors import (
     CommandTimeout,
@@ -157,6 +157,14 @@ class HostConnection:
 
     def is_alive(self) -> bool:
         raise NotImplementedError
+
+    def responds(self, timeout: float) -> bool:
+        """Whether the host answers within ``timeout`` s (a round trip, where there is one)."""
+        return self.is_alive()
+
+    def forwarding(self) -> list[int]:
+        """Local ports this connection forwards now."""
+        return []
 
     def close(self) -> None:
         raise NotImplementedError
@@ -433,7 +441,7 @@ class SSHConnection(HostConnection):
                     )
                 if chan.closed and not self._transport.is_active():
                     raise self._lost(EOFError("connection closed"))
-                select.select([chan], [], [], min(remaining, 0.2))
+                fdwait.ready([chan], (), min(remaining, 0.2))
             return CommandResult(chan.recv_exit_status(), bytes(out), bytes(err))
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise self._lost(e) from e
@@ -494,11 +502,25 @@ class SSHConnection(HostConnection):
         if pump is not None:
             pump.unlisten(local_port)
 
-    @property
-    def listening(self) -> list[int]:
-        """Local ports this connection forwards now."""
+    def forwarding(self) -> list[int]:
         pump = self._pump
         return pump.listening if pump is not None else []
+
+    def responds(self, timeout: float) -> bool:
+        """An SSH keep-alive request answered within ``timeout`` s (any answer will do: sshd
+        refuses the request, and the refusal is the round trip). A transport that looks up but
+        whose host is gone (a cut link sends no reset) does not answer."""
+        if not self.is_alive():
+            return False
+        answered = threading.Event()
+
+        def ask() -> None:
+            with contextlib.suppress(Exception):
+                self._transport.global_request("keepalive@openssh.com", wait=True)
+                answered.set()
+
+        threading.Thread(target=ask, name=f"ssh-check-{self.target.name}", daemon=True).start()
+        return answered.wait(timeout) and self.is_alive()
 
     def is_alive(self) -> bool:
         """The transport is up and, once a forward exists, its pump thread still runs."""

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import socket
 import threading
 from typing import Any
+
+from gpu_kernel import fdwait
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ class ForwardPump:
                 wlist.append(p.sock)
             chan_pending = chan_pending or bool(p.to_chan)
         # A channel's fileno only signals readability: poll while its send window is full.
-        r, w, _ = select.select(rlist, wlist, [], 0.005 if chan_pending else 1.0)
+        r, w = fdwait.ready(rlist, wlist, 0.005 if chan_pending else 1.0)
         ready = set(r) | set(w)
         if self._wake_r in ready:
             with contextlib.suppress(BlockingIOError):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -164,6 +166,43 @@ def test_half_close_passes_eof_both_ways(target: HostTarget, nothing_left_behind
                 back += chunk
         assert got == [payload]
         assert back == payload[::-1]
+
+
+def test_commands_and_tunnels_work_with_more_than_1024_files_open(
+    target: HostTarget, nothing_left_behind: None
+) -> None:
+    """A Jupyter server with a few dozen kernels holds more than 1024 descriptors: the tunnel
+    pump and a command's reader, waiting on descriptors past that, still work (``select()``
+    raised "filedescriptor out of range", and the kernel's tunnels stopped)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 4096 if hard == resource.RLIM_INFINITY else min(4096, hard)
+    if wanted < 2048:
+        pytest.skip(f"the open files limit here is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    filler = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    server = socket.create_server(("127.0.0.1", 0))
+    try:
+
+        def echo() -> None:
+            c, _ = server.accept()
+            with c:
+                while chunk := c.recv(65536):
+                    c.sendall(chunk)
+
+        threading.Thread(target=echo, daemon=True).start()
+        with connect(target) as conn:
+            assert conn.run(["echo", "past 1024"]).stdout == b"past 1024\n"
+            port = conn.forward(server.getsockname()[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                assert s.fileno() > 1024
+                s.sendall(b"ping")
+                assert s.recv(4) == b"ping"
+            assert conn.is_alive()  # the pump thread still runs
+    finally:
+        server.close()
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_unknown_host_key_gives_the_keyscan_command(

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import select
 import signal
 import socket
 import struct
@@ -38,7 +37,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from gpu_kernel import __version__, procs
+from gpu_kernel import __version__, fdwait, procs
 from gpu_kernel.protocol import PROTOCOL_VERSION as PROTOCOL
 from gpu_kernel.protocol import check_user_name
 
@@ -48,6 +47,21 @@ CONNECT_TIMEOUT = 0.5  # a warm interpreter answers at once, or it is not there
 REPLY_TIMEOUT = 10.0
 MAX_MESSAGE = 1 << 20
 _MODULE_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+# What a kernel's start imports beyond ``ipykernel.kernelapp`` (found with ``sys.modules`` before
+# and after ``GPUKernelApp.initialize``): the debugger (debugpy alone is ~0.25 s), IPython's pdb,
+# psutil (the connection file's interfaces), sqlite3 (the history). Each is optional.
+KERNEL_MODULES = (
+    "ipykernel.debugger",
+    "IPython.core.debugger",
+    "IPython.core.completerlib",
+    "IPython.core.oinspect",
+    "IPython.extensions.storemagic",
+    "jupyter_client.localinterfaces",
+    "psutil",
+    "sqlite3",
+    "tornado.platform.asyncio",
+    "tornado.queues",
+)
 
 
 class Refused(Exception):
@@ -194,6 +208,9 @@ class WarmInterpreter:
 
         import gpu_kernel.kernelapp  # noqa: F401
 
+        for name in KERNEL_MODULES:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
         for name in check_modules(names):
             try:
                 importlib.import_module(name)
@@ -218,7 +235,7 @@ class WarmInterpreter:
         try:
             while time.monotonic() - last < self.idle:
                 self._reap()
-                if not select.select([listener], [], [], 1.0)[0]:
+                if not fdwait.ready([listener], (), 1.0)[0]:
                     if not self._still_ours():
                         break  # another warm interpreter took the name: leave
                     continue

@@ -116,9 +116,11 @@ class ForwardPump:
 
     @property
     def listening(self) -> list[int]:
-        """The local ports listened on now (``unlisten`` takes effect at the pump's next turn)."""
+        """The local ports listened on, less those ``unlisten`` has closed or is closing (the
+        pump's thread closes them at its next turn)."""
         with self._lock:
-            return sorted(s.getsockname()[1] for s in self._listeners)
+            ports = (s.getsockname()[1] for s in self._listeners)
+            return sorted(port for port in ports if port not in self._closing)
 
     def listen(self, remote_port: int) -> int:
         """Listen on 127.0.0.1:0 for ``remote_port``; returns the local port."""

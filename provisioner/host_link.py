@@ -1,7 +1,8 @@
 """``HostLink``: the SSH connection to the host of a kernel, its tunnels, and its watch.
 
 ``KernelSession`` (``provisioner.session``) owns one link and calls it from its worker thread:
-``open(target)`` (the connection it has, when the host did not change), ``launch(request)`` (the
+``open(target)`` (the connection it has, when the host did not change; else one that an ended
+session left in ``idle_connections``), ``launch(request)`` (the
 launcher's channel stays open as the kernel's *watch*: a status line a second, and one with the
 exit code the moment the kernel ends), ``ctl``/``run`` for host commands, ``drop_kernel()`` when
 the kernel has ended or moved, ``close()``.
@@ -29,6 +30,7 @@ from gpu_kernel.cancel import Cancelled, CancelToken
 from gpu_kernel.errors import SharedGPUError
 from gpu_kernel.protocol import KernelStatus, LaunchReply, LaunchRequest
 from gpu_kernel.ssh import CommandStream, HostConnection, HostTarget, connect
+from provisioner.idle_connections import IDLE, IdleConnections
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +72,12 @@ class HostLink:
         listener: LinkListener,
         link_timeout: float = 10.0,
         give_up_after: float = 300.0,
+        idle: IdleConnections = IDLE,
     ) -> None:
+        """``idle``: where a connection this link no longer needs waits for the next kernel
+        (and where ``open`` looks first)."""
         self.kernel_id = kernel_id
+        self._idle = idle
         self._listener = listener
         self.link_timeout = link_timeout
         self.give_up_after = give_up_after
@@ -91,27 +97,40 @@ class HostLink:
 
     def open(self, target: HostTarget, cancel: CancelToken) -> HostConnection:
         """The connection to ``target``: the one we have when it is alive and to the same host,
-        else a new one (the old one closes, with its tunnels)."""
+        else an idle one to that host that still answers, else a new one. The old one (to
+        another host) goes to the idle connections, its tunnels closed."""
         with self._lock:
             conn = self._conn
             if conn is not None and conn.is_alive() and self.target == target:
                 return conn
-        self._replace_connection(None, None)
-        conn = connect(target, cancel)
+        self._replace_connection(None, None, keep_old=True)
+        conn = self._idle.take(target) or connect(target, cancel)
         with self._lock:
             self._conn, self.target = conn, target
         return conn
 
-    def _replace_connection(self, conn: HostConnection | None, target: HostTarget | None) -> None:
+    def _replace_connection(
+        self, conn: HostConnection | None, target: HostTarget | None, keep_old: bool = False
+    ) -> None:
+        """Put ``conn`` in place of the connection; the old one closes (with ``keep_old``:
+        waits with the idle connections, once its kernel's tunnels are closed)."""
         with self._lock:
             old, self._conn = self._conn, conn
+            old_target = self.target
             if target is not None:
                 self.target = target
             watch, self._watch = self._watch, None
+            kernel = self.kernel if old is not None else None
             self._generation += 1
         if watch is not None:
             watch.close()
-        if old is not None:
+        if old is None:
+            return
+        if keep_old and old_target is not None:
+            for local in kernel.upstream.values() if kernel is not None else ():
+                old.unforward(local)
+            self._idle.give(old_target, old)
+        else:
             old.close()
 
     # ---- the kernel ----------------------------------------------------------------------------
@@ -322,8 +341,9 @@ class HostLink:
         return None
 
     def close(self) -> None:
-        """Stop watching and reconnecting; close the connection with every tunnel."""
+        """Stop watching and reconnecting; close every tunnel, and leave the connection with
+        the idle ones (the next kernel on that host starts on it)."""
         self._stop.cancel("the kernel's session is closing")
+        self._replace_connection(None, None, keep_old=True)
         with self._lock:
             self.kernel = None
-        self._replace_connection(None, None)

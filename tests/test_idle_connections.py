@@ -1,0 +1,135 @@
+"""Idle SSH connections (``provisioner.idle_connections``) against real sshd hosts: the next
+kernel on a host starts on the connection the last one left, and never on one that cannot
+serve it (its host gone quiet, tunnels still open, kept too long)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from gpu_kernel.ssh import connect
+from provisioner.idle_connections import IDLE, IdleConnections
+from tests.conftest import target_for
+from tests.pool import Pool, shut_down
+from tests.sshd import ClientKeys, TestHost, start_hosts
+from tests.test_ssh import sshd_children
+
+
+@pytest.fixture
+def lone_host(tmp_path: Path, client_keys: ClientKeys):
+    """An sshd of this test's own (the test stops its connections' processes)."""
+    (host,) = start_hosts(tmp_path / "hosts", client_keys, ["lone"])
+    yield host
+    host.stop()
+
+
+def with_descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += [child for child, parent in parents.items() if parent == current]
+    return found
+
+
+def run_in(kc, code: str) -> str:
+    msg_id = kc.execute(code)
+    out = ""
+    while True:
+        msg = kc.get_iopub_msg(timeout=60)
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            out += msg["content"]["text"]
+        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+            return out
+
+
+def test_the_next_kernel_on_a_host_starts_on_the_connection_the_last_one_left(
+    pool: Pool, ssh_hosts: list[TestHost]
+) -> None:
+    IDLE.close()  # what earlier tests left
+    pool.install_spec(name="eager", attach="eager")
+    km = pool.kernel_manager("eager")
+    km.start_kernel()
+    first = km.provisioner.session.link.connection
+    host = km.provisioner.session.lease.host.name
+    kc = km.client()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=60)
+    assert run_in(kc, "print(6 * 7)").strip() == "42"
+    kc.stop_channels()
+    shut_down(km)
+    assert first.is_alive() and len(IDLE) == 1  # kept, its tunnels closed
+    assert first.forwarding() == []
+
+    again = pool.kernel_manager("eager")
+    again.start_kernel()
+    try:
+        session = again.provisioner.session
+        if session.lease.host.name == host:  # one slot per host: the same host is free again
+            assert session.link.connection is first and len(IDLE) == 0
+        kc = again.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        assert run_in(kc, "print(6 * 9)").strip() == "54"  # its tunnels work on it
+        kc.stop_channels()
+    finally:
+        shut_down(again)
+    IDLE.close()
+
+
+def test_a_kept_connection_whose_host_stopped_answering_is_closed_not_used(
+    lone_host: TestHost, client_keys: ClientKeys
+) -> None:
+    target = target_for(lone_host, client_keys)
+    idle = IdleConnections(keep=60)
+    conn = connect(target)
+    idle.give(target, conn)
+    (session,) = sshd_children(lone_host)
+    stopped = with_descendants(session)
+    for pid in stopped:
+        os.kill(pid, signal.SIGSTOP)  # as a cut link: no reset, no answer
+    try:
+        started = time.monotonic()
+        assert idle.take(target) is None
+        assert time.monotonic() - started < 5  # the check's bound, not a hang
+        assert not conn.is_alive() and len(idle) == 0
+    finally:
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+    fresh = connect(target)  # the caller connects anew, and that works
+    assert fresh.run(["true"]).returncode == 0
+    fresh.close()
+
+
+def test_a_connection_with_tunnels_or_kept_too_long_is_closed(
+    lone_host: TestHost, client_keys: ClientKeys
+) -> None:
+    target = target_for(lone_host, client_keys)
+    idle = IdleConnections(keep=0.5, per_host=1)
+    tunnelled = connect(target)
+    tunnelled.forward(lone_host.port)
+    idle.give(target, tunnelled)  # a kernel's tunnels would outlive it
+    assert not tunnelled.is_alive() and len(idle) == 0
+
+    older, newer = connect(target), connect(target)
+    idle.give(target, older)
+    idle.give(target, newer)  # one per host: the older one goes
+    assert not older.is_alive() and newer.is_alive() and len(idle) == 1
+    deadline = time.monotonic() + 5
+    while newer.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not newer.is_alive() and len(idle) == 0  # the sweeper closed it after 0.5 s
+    assert idle.take(target) is None

@@ -14,12 +14,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpu_kernel.protocol import RESTORE_PENDING_ENV
+
 ORPHAN_GRACE_ENV = "SHARED_GPU_ORPHAN_GRACE"
 DEFAULT_ORPHAN_GRACE = 120.0
 
 
 class KernelBusy(Exception):
     """A suspend or restore was asked for while a cell runs (or another one is under way)."""
+
+
+class RestorePending(Exception):
+    """A save was asked of a kernel whose saved state is not restored yet: saving its empty
+    namespace would replace the user's checkpoint (it exits without saving instead)."""
 
 
 def orphan_grace(environ: dict[str, str] | None = None) -> float:
@@ -44,6 +51,9 @@ class KernelActivity:
     executing: int = 0
     suspending: bool = False  # set once a checkpoint starts; the process exits after it
     restoring: bool = False
+    restore_pending: bool = field(
+        default_factory=lambda: os.environ.get(RESTORE_PENDING_ENV) == "1"
+    )  # launched to resume, and not restored yet: no save
     info: dict[str, Any] = field(default_factory=dict)  # the last shared_gpu_info content
     info_at: float | None = None
     last_control: float = field(default_factory=time.monotonic)
@@ -71,6 +81,11 @@ class KernelActivity:
         """Claim the namespace for a checkpoint; KernelBusy while a cell (other than the one
         asking, for ``from_cell``) runs or a suspend or restore is under way."""
         with self.lock:
+            if self.restore_pending:
+                raise RestorePending(
+                    "this kernel was started to resume saved state that is not restored yet: "
+                    "saving now would replace that state with an empty namespace"
+                )
             allowed = 1 if from_cell else 0
             if self.executing > allowed:
                 raise KernelBusy("a cell is running: suspend when the kernel is idle")
@@ -88,9 +103,13 @@ class KernelActivity:
                 raise KernelBusy("the kernel is busy: restore into an idle kernel")
             self.restoring = True
 
-    def end_restore(self) -> None:
+    def end_restore(self, restored: bool = True) -> None:
+        """The restore is over; ``restored``: the namespace now holds the saved state (from
+        then on a save keeps the user's work)."""
         with self.lock:
             self.restoring = False
+            if restored:
+                self.restore_pending = False
             self.last_activity = time.time()
 
     def control_seen(self) -> None:

@@ -37,6 +37,7 @@ from gpu_kernel import __version__, nvml
 from gpu_kernel.control import (
     KernelActivity,
     KernelBusy,
+    RestorePending,
     error_reply,
     orphan_grace,
     restore_reply,
@@ -241,6 +242,7 @@ class GPUKernel(IPythonKernel):
         from gpu_kernel.checkpoint import load_namespace
 
         self.activity.begin_restore()
+        restored = False
         try:
             t0 = time.monotonic()
             shell = self.shell
@@ -263,9 +265,10 @@ class GPUKernel(IPythonKernel):
             content = restore_reply(sorted(names), manifest, time.monotonic() - t0)
             content["imports"] = sorted(manifest.imports)
             content["notes"] = list(manifest.notes)
+            restored = True
             return content
         finally:
-            self.activity.end_restore()
+            self.activity.end_restore(restored)
 
     def _blob_store(self) -> Path:
         """``<root>/<host>/.blobs/<owner>``: shared by this user's kernels on this host only."""
@@ -321,6 +324,10 @@ class GPUKernel(IPythonKernel):
             self.checkpoint("orphaned")
         except KernelBusy:
             return  # a cell or a suspend started meanwhile: look again at the next tick
+        except RestorePending:
+            self.log.warning("orphaned before its saved state was restored: exiting, state kept")
+            self._exit(SUSPENDED_EXIT_CODE)  # the saved state is the one it was to resume
+            return
         except Exception:
             self.log.exception("orphaned and the checkpoint failed: exiting to free the GPU")
             self._exit(ORPHAN_EXIT_CODE)
@@ -344,6 +351,10 @@ class GPUKernel(IPythonKernel):
             self.checkpoint("fenced")
         except KernelBusy:
             self.io_loop.call_later(SAVE_RETRY, self._save_for_fence)  # a cell runs: wait
+            return
+        except RestorePending:
+            self.log.warning("SAVE_SIGNAL before the saved state was restored: that state stays")
+            self._exit(SUSPENDED_EXIT_CODE)
             return
         except Exception:
             self.log.exception("SAVE_SIGNAL: the checkpoint failed; exiting without it")

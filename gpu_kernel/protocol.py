@@ -18,6 +18,10 @@ from gpu_kernel.errors import BadRequest
 
 PROTOCOL_VERSION = 2  # 2: runtime dirs are <root>/<host_name>/<kernel_id>; requests name the owner
 SUSPENDED_EXIT_CODE = 75  # a kernel that saved its state and ended (suspend, orphan watchdog)
+# Set by the provisioner on a kernel launched to resume saved state: until that state is
+# restored its namespace is empty, and the saved state is the user's (on the same host, in the
+# very checkpoint dir a save would write), so the kernel saves nothing over it.
+RESTORE_PENDING_ENV = "SHARED_GPU_RESTORE_PENDING"
 # Asks a kernel to save its state and exit with SUSPENDED_EXIT_CODE as soon as no cell runs
 # (the broker's fence sends it before it kills a kernel whose lease ended).
 SAVE_SIGNAL = signal.SIGUSR1

@@ -36,7 +36,7 @@ from broker.errors import BrokerError
 from gpu_kernel.cancel import Cancelled, CancelToken
 from gpu_kernel.checkpoint import format_bytes
 from gpu_kernel.errors import SharedGPUError
-from gpu_kernel.protocol import SUSPENDED_EXIT_CODE, LaunchReply
+from gpu_kernel.protocol import RESTORE_PENDING_ENV, SUSPENDED_EXIT_CODE, LaunchReply
 from provisioner import kernel_steps, saved_state
 from provisioner.host_link import HostLink, KernelOnHost
 from provisioner.kernel_control import KernelControl
@@ -284,10 +284,15 @@ class KernelSession:
             path, copied = saved_state.bring_to(
                 saved, self.kernel_id, self.settings, conn, target, self._shared_dir(), token, say
             )
+        key, scheme, env = self._launch_args
+        if saved is not None:  # until restored, the kernel saves nothing over the saved state
+            env = {**env, RESTORE_PENDING_ENV: "1"}
         request = kernel_steps.launch_request(
             self.kernel_id,
             lease,
-            *self._launch_args,
+            key,
+            scheme,
+            env,
             warm=self.settings.warm,
             warm_preload=self.settings.warm_preload,
         )

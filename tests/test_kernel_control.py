@@ -17,7 +17,7 @@ from gpu_kernel.checkpoint import blob_store
 from gpu_kernel.control import KernelActivity, KernelBusy, orphan_grace
 from gpu_kernel.kernelapp import SUSPENDED_EXIT_CODE
 from gpu_kernel.magics import status_lines
-from gpu_kernel.protocol import LaunchReply, LaunchRequest
+from gpu_kernel.protocol import RESTORE_PENDING_ENV, LaunchReply, LaunchRequest
 from gpu_kernel.ssh import HostConnection, connect
 from tests import fake_nvml
 from tests.test_launcher import LOCAL, client_for, make_request, run_code, wait_for
@@ -50,8 +50,10 @@ def launch(conn: HostConnection, tmp_path: Path) -> Iterator[Launch]:
     )
     started: list[LaunchRequest] = []
 
-    def _launch(grace: str = "0", **kw: Any) -> tuple[LaunchRequest, LaunchReply]:
-        env = dict(nvml_env, SHARED_GPU_ORPHAN_GRACE=grace)
+    def _launch(
+        grace: str = "0", extra_env: dict[str, str] | None = None, **kw: Any
+    ) -> tuple[LaunchRequest, LaunchReply]:
+        env = dict(nvml_env, SHARED_GPU_ORPHAN_GRACE=grace, **(extra_env or {}))
         kw.setdefault("cuda_visible_devices", GPU)
         req = make_request(tmp_path / "rt", env=env, **kw)
         started.append(req)
@@ -277,6 +279,48 @@ def test_orphan_watchdog_waits_for_the_cell_then_suspends(
     assert exited(conn, req, timeout=10) == 75
     manifest = json.loads((rdir_of(req) / "checkpoint" / "manifest.json").read_text())
     assert "z" in json.dumps(manifest) and "y" in json.dumps(manifest)
+
+
+def test_a_kernel_orphaned_before_its_restore_keeps_the_saved_state(
+    launch: Launch, conn: HostConnection
+) -> None:
+    """A resume on the same host launches the new kernel in the runtime dir that holds the
+    checkpoint. If its proxy goes quiet before the restore (a tunnel lost mid-resume), the
+    watchdog must not save the still-empty namespace over the user's state: it exits, and the
+    next resume finds every variable."""
+    req, reply = launch()
+    kc = client_for(reply)
+    try:
+        run_code(kc, "kept = 41")
+        assert control(kc, "suspend_request", {"reason": "idle"})["status"] == "ok"
+    finally:
+        kc.stop_channels()
+    assert exited(conn, req) == 75
+
+    req2, reply2 = launch(grace="1", kernel_id=req.kernel_id, extra_env={RESTORE_PENDING_ENV: "1"})
+    kc = client_for(reply2)
+    try:
+        assert control(kc, "shared_gpu_info", shared_gpu_info())["status"] == "ok"
+        fenced = control(kc, "suspend_request", {"reason": "idle"})  # nor when asked to
+        assert fenced["status"] == "error" and fenced["ename"] == "RestorePending"
+    finally:
+        kc.stop_channels()  # the proxy goes quiet: orphaned after 1 s
+    assert exited(conn, req2) == 75
+    assert "orphaned before its saved state was restored" in (
+        rdir_of(req2) / "kernel.log"
+    ).read_text()
+
+    req3, reply3 = launch(kernel_id=req.kernel_id, extra_env={RESTORE_PENDING_ENV: "1"})
+    kc = client_for(reply3)
+    try:
+        restored = control(kc, "restore_request", {})
+        assert restored["status"] == "ok" and restored["restored"] == ["kept"]
+        assert run_code(kc, "print(kept + 1)")[1].strip() == "42"
+        # restored: from now on a suspend saves (the state is the user's again)
+        assert control(kc, "suspend_request", {"reason": "idle"})["status"] == "ok"
+    finally:
+        kc.stop_channels()
+    assert exited(conn, req3) == 75
 
 
 def test_gpu_suspend_magic(launch: Launch, conn: HostConnection) -> None:

@@ -5,6 +5,9 @@ here, more across a network). ``HostLink`` hands its connection here when its ke
 closes or moves to another host (``give``), and asks here first when it needs one (``take``):
 a user who restarts a kernel, or opens a second notebook, starts on a connection already up.
 
+``borrowed(target)`` does the same for a session's short errands to a host it does not run on
+(copying a checkpoint from the host that saved it, deleting it there afterwards).
+
 One ``IdleConnections`` per Jupyter server (``IDLE``): every kernel in it runs as the server's
 Unix user with the same SSH keys, so a connection is shared only between kernels that would
 have opened the same one. A connection comes back only without tunnels (its kernel's are
@@ -16,12 +19,15 @@ exists only while connections wait.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from gpu_kernel.ssh import HostConnection, HostTarget
+from gpu_kernel.cancel import NEVER, CancelToken
+from gpu_kernel.ssh import HostConnection, HostTarget, connect
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +122,19 @@ class IdleConnections:
 
 
 IDLE = IdleConnections()  # the Jupyter server's
+
+
+@contextlib.contextmanager
+def borrowed(
+    target: HostTarget, cancel: CancelToken = NEVER, idle: IdleConnections = IDLE
+) -> Iterator[HostConnection]:
+    """A connection to ``target`` for a few commands (a checkpoint's copy from its host, its
+    deletion there): a kept one, else a new one; kept again afterwards, closed if the block
+    raised (it may have broken mid-command)."""
+    conn = idle.take(target) or connect(target, cancel)
+    try:
+        yield conn
+    except BaseException:
+        conn.close()
+        raise
+    idle.give(target, conn)

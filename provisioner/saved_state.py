@@ -24,8 +24,9 @@ from gpu_kernel import remote
 from gpu_kernel.cancel import CancelToken
 from gpu_kernel.checkpoint import format_bytes
 from gpu_kernel.errors import SharedGPUError
-from gpu_kernel.ssh import HostConnection, HostTarget, connect
+from gpu_kernel.ssh import HostConnection, HostTarget
 from gpu_kernel.transfer import copy_checkpoint
+from provisioner.idle_connections import borrowed
 from provisioner.settings import ProvisionerSettings
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,7 @@ def bring_to(
     )
     # a link that goes quiet mid-copy fails the copy after a few link timeouts, not minutes
     quiet = max(3 * settings.link_timeout, 6.0)
-    with connect(source, cancel) as src, cancel.hook(src.close), cancel.hook(dest.close):
+    with borrowed(source, cancel) as src, cancel.hook(src.close), cancel.hook(dest.close):
         copy_checkpoint(src, source, dest, dest_target, kernel_id, timeout=quiet)
     return None, True
 
@@ -119,7 +120,7 @@ def delete(
     """Remove the checkpoint (with the kernel's runtime dir on its host); True when done."""
     target = target_for(saved.host, settings)
     try:
-        with connect(target, cancel) as conn, cancel.hook(conn.close):
+        with borrowed(target, cancel) as conn, cancel.hook(conn.close):
             remote.cleanup(conn, target, kernel_id)
             if in_shared_dir(saved.path, shared_dir) and saved.path:
                 conn.run(["rm", "-rf", "--", saved.path])

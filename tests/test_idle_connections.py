@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gpu_kernel.ssh import connect
-from provisioner.idle_connections import IDLE, IdleConnections
+from provisioner.idle_connections import IDLE, IdleConnections, borrowed
 from tests.conftest import target_for
 from tests.pool import Pool, shut_down
 from tests.sshd import ClientKeys, TestHost, start_hosts
@@ -96,11 +96,14 @@ def test_a_kept_connection_whose_host_stopped_answering_is_closed_not_used(
     target = target_for(lone_host, client_keys)
     idle = IdleConnections(keep=60)
     conn = connect(target)
+    assert conn.run(["true"]).returncode == 0  # its sshd processes are all there now
     idle.give(target, conn)
     (session,) = sshd_children(lone_host)
-    stopped = with_descendants(session)
-    for pid in stopped:
-        os.kill(pid, signal.SIGSTOP)  # as a cut link: no reset, no answer
+    stopped: list[int] = []
+    while new := [pid for pid in with_descendants(session) if pid not in stopped]:
+        for pid in new:  # as a cut link: no reset, no answer
+            os.kill(pid, signal.SIGSTOP)
+        stopped += new
     try:
         started = time.monotonic()
         assert idle.take(target) is None
@@ -133,3 +136,18 @@ def test_a_connection_with_tunnels_or_kept_too_long_is_closed(
         time.sleep(0.05)
     assert not newer.is_alive() and len(idle) == 0  # the sweeper closed it after 0.5 s
     assert idle.take(target) is None
+
+
+def test_a_borrowed_connection_comes_back_unless_its_errand_failed(
+    lone_host: TestHost, client_keys: ClientKeys
+) -> None:
+    target = target_for(lone_host, client_keys)
+    idle = IdleConnections(keep=60)
+    with borrowed(target, idle=idle) as conn:  # none kept: a new one
+        assert conn.run(["echo", "copy"]).stdout == b"copy\n"
+    assert len(idle) == 1 and conn.is_alive()
+    with pytest.raises(RuntimeError), borrowed(target, idle=idle) as again:
+        assert again is conn  # the kept one
+        raise RuntimeError("the copy broke mid-stream")
+    assert not conn.is_alive() and len(idle) == 0  # not trusted again
+    idle.close()

@@ -21,7 +21,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE)]
 
-from class_model import Day, PolicySpec, Waits, blocked_cells, plan  # noqa: E402
+from class_model import INF, Day, PolicySpec, Waits, blocked_cells, plan  # noqa: E402
 from class_students import Student  # noqa: E402
 from jupyter_client.kernelspec import KernelSpecManager  # noqa: E402
 from jupyter_client.manager import KernelManager  # noqa: E402
@@ -64,6 +64,8 @@ class Outcome:
     bytes_copied: int
     lost: list[str]  # students whose state did not match their cells (must stay empty)
     samples: dict[str, list[float]] = field(default_factory=dict)  # cost samples (s)
+    # every cell: [student, k, asked (s into the day), wait (s; None: never started), status]
+    cell_log: list[list] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)  # wall seconds of each phase
 
     def scaled(self, q: float) -> float:
@@ -238,9 +240,15 @@ class Rehearsal:
     def outcome(self, lost: list[str]) -> Outcome:
         waits = Waits()
         cells = failed = 0
+        cell_log = []
         for s in self.students:
             for c in s.cells:
-                if c.started is None:
+                wait = None if c.started is None else round(max(0.0, c.started - c.asked), 3)
+                cell_log.append([s.index, c.k, round(c.asked - self.t0, 3), wait, c.status])
+                if c.started is None and c.status != "waited":
+                    failed += 1  # its kernel could not be brought back: the run fails
+                    waits.waits.append(INF)
+                elif c.started is None:
                     waits.waits.append(self.end - c.asked)
                     waits.blocked += blocked_cells(s.plan, c.k, c.asked, self.end)
                 else:
@@ -267,6 +275,7 @@ class Rehearsal:
             bytes_copied=sum(s.bytes_copied for s in self.students),
             lost=lost,
             samples=samples,
+            cell_log=cell_log,
         )
 
 

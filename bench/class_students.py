@@ -10,6 +10,7 @@ the kernel and compares. The rehearsal's culler ends kernels here too (``Student
 from __future__ import annotations
 
 import json
+import logging
 import math
 import queue
 import threading
@@ -21,6 +22,8 @@ import torch
 from class_model import Plan
 from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.manager import KernelManager
+
+log = logging.getLogger("class_rehearsal")
 
 BIG = 1 << 20  # float32: 4 MiB allocated by the first cell, never changed again
 SMALL = 1 << 14  # float32: 64 KiB changed in place by every cell, and one more made anew
@@ -52,8 +55,9 @@ print("@state", json.dumps({"log": log, "w": float(w.sum()), "data": float(data.
 
 @dataclass
 class CellRecord:
-    """One cell: asked at ``asked`` (unix s), started at ``started`` (None: never, the day
-    ended first), replied at ``ended``; ``status`` of its reply."""
+    """One cell: asked at ``asked`` (unix s), started at ``started`` (None: never), replied at
+    ``ended``; ``status`` of its reply, or "waited" (the day ended while it waited for its
+    kernel) or "never ran: <error>" (its kernel could not be brought back)."""
 
     k: int
     asked: float
@@ -106,7 +110,7 @@ class Student:
                 record = self._run_cell(k, seconds, day_end + grace)
                 self._note_moved()
             self.cells.append(record)
-            if record.started is None:
+            if record.started is None and record.status == "waited":
                 return  # the day ended while it waited
             self.last_end = record.ended or time.time()
             at = self.last_end + self.plan.thinks[k]
@@ -115,28 +119,41 @@ class Student:
         code = CELL.format(student=self.index, big=BIG, small=SMALL, k=k, seconds=seconds)
         asked = time.time()
         msg_id = self.kc.execute(code)
-        started = self._wait_start(msg_id, deadline)
-        if started is None:
+        started, error = self._wait_start(msg_id, deadline)
+        if started is None and error is None:
             self.km.interrupt_kernel()  # withdraws the queued request: the day is over
         reply = self._reply(msg_id, timeout=120)
         status = reply["content"]["status"] if reply else "no reply"
+        if started is None:
+            status = "waited" if error is None else f"never ran: {error}"
+            if error is not None:
+                log.error("student %d, cell %d never ran: %s", self.index, k, error)
         kernel = len(self.kernel_ids) - 1
         return CellRecord(k, asked, started, time.time(), status, kernel)
 
-    def _wait_start(self, msg_id: str, deadline: float) -> float | None:
-        """The kernel's time at the cell's first line, or None if ``deadline`` passed first."""
+    def _wait_start(self, msg_id: str, deadline: float) -> tuple[float | None, str | None]:
+        """(the kernel's time at the cell's first line, None), or (None, the error) when the
+        cell failed before it started (its kernel could not be brought back), or (None, None)
+        when ``deadline`` passed first. The cell's output is read as one text: the kernel may
+        send its first line in pieces (its output thread flushes when it likes)."""
+        text = ""
         while True:
             try:
                 msg = self.kc.get_iopub_msg(timeout=max(0.05, min(1.0, deadline - time.time())))
             except queue.Empty:
                 if time.time() >= deadline:
-                    return None
+                    return None, None
                 continue
-            if msg["parent_header"].get("msg_id") != msg_id or msg["msg_type"] != "stream":
+            if msg["parent_header"].get("msg_id") != msg_id:
                 continue
-            for line in msg["content"]["text"].splitlines():
-                if line.startswith("@start "):
-                    return float(line.split()[1])
+            if msg["msg_type"] == "error":
+                return None, f"{msg['content']['ename']}: {msg['content']['evalue']}"
+            if msg["msg_type"] != "stream":
+                continue
+            text += msg["content"]["text"]
+            for line in text.splitlines(keepends=True):
+                if line.startswith("@start ") and line.endswith("\n"):
+                    return float(line.split()[1]), None
 
     def _reply(self, msg_id: str, timeout: float) -> dict | None:
         deadline = time.time() + timeout

@@ -12,6 +12,7 @@ import select
 from collections.abc import Sequence
 from typing import Any
 
+FD_SETSIZE = 1024  # select()'s limit on a descriptor's number
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
 _WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -24,7 +25,12 @@ def ready(
     readers: Sequence[Any], writers: Sequence[Any] = (), timeout: float | None = None
 ) -> tuple[list[Any], list[Any]]:
     """The objects of ``readers`` ready to read and of ``writers`` ready to write (a descriptor
-    or anything with ``fileno()``), waiting up to ``timeout`` s (None: until one is)."""
+    or anything with ``fileno()``), waiting up to ``timeout`` s (None: until one is).
+    ``select`` while every descriptor is below its limit (it is the cheaper call for the few a
+    tunnel pump watches), ``poll`` past it."""
+    if all(_fd(obj) < FD_SETSIZE for obj in (*readers, *writers)):
+        r, w, _ = select.select(readers, writers, [], timeout)
+        return r, w
     poller = select.poll()
     wanted: dict[int, int] = {}
     for obj in readers:

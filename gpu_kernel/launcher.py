@@ -41,6 +41,7 @@ from gpu_kernel.protocol import (
 DEFAULT_RUNTIME_ROOT = "~/.local/share/jupyter-shared-gpu/kernels"
 START_TIMEOUT = 30.0
 POLL_INTERVAL = 0.02
+START_POLL = 0.005  # s between looks at a starting kernel's ports (a warm fork binds in ~20 ms)
 WATCH_INTERVAL = 1.0  # s between the watch's "still alive" lines
 LAUNCH_RECORD = "launch.json"  # who the kernel belongs to: kernel_id, owner, host_name, slot, pid
 SAVED_RECORD = "saved.json"  # where the kernel saved its state last: {"path", "bytes"}
@@ -191,7 +192,7 @@ def start_kernel(req: LaunchRequest) -> tuple[LaunchReply, Started]:
                 pid, ports, socket.gethostname(), __version__, warm=proc is None
             )
             return reply, Started(rdir, proc, req.watch)
-        time.sleep(POLL_INTERVAL)
+        time.sleep(START_POLL)
     procs.kill_group(pid)
     raise StartFailed(
         f"the kernel did not start listening within {START_TIMEOUT:.0f} s; "

@@ -32,8 +32,8 @@ from provisioner.install import main as install_main
 from tests.browser import CHROMIUM, CHROMIUM_ARGS
 from tests.hub import TestHub
 from tests.jupyter_ws import run_cell, start_kernel
-from tests.pool import Pool
-from tests.sshd import ClientKeys, end_warm_interpreters, start_hosts
+from tests.pool import Pool, loopback_pool
+from tests.sshd import end_warm_interpreters
 
 
 def pool_config(pool: Pool, slots_per_host: int, hub: TestHub) -> str:
@@ -145,11 +145,8 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="hub-class-") as tmp:
         base = Path(tmp)
-        (base / "keys").mkdir()
-        keys = ClientKeys(base / "keys")
-        hosts = start_hosts(base / "hosts", keys, ["hostA", "hostB"])
         policy = {"idle_suspend_after": "10m", "idle_suspend_when_queued": "5s"}
-        pool = Pool(base / "pool", hosts, keys, **policy)
+        hosts, pool = loopback_pool(base, ["hostA", "hostB"], **policy)
         image = base / "image"
         install_args = ["install", "--prefix", str(image), "--broker-url", pool.url]
         assert install_main([*install_args, "--jupyterhub", "--lease-timeout", "10m"]) == 0

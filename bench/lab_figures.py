@@ -32,8 +32,7 @@ from tests.browser import (
     workspace_with_notebooks,
 )
 from tests.jupyter_server import JupyterServer
-from tests.pool import Pool
-from tests.sshd import ClientKeys, start_hosts
+from tests.pool import Pool, loopback_pool
 
 LOCAL = "Python 3 (ipykernel)"
 SHARED = "Shared GPU"
@@ -96,10 +95,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "keys").mkdir()
-        keys = ClientKeys(base / "keys")
-        hosts = start_hosts(base / "hosts", keys, ["hostA", "hostB"])
-        pool = Pool(base / "pool", hosts, keys)
+        hosts, pool = loopback_pool(base, ["hostA", "hostB"])
         lab = None
         try:
             pool.start()

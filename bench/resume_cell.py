@@ -23,8 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from broker.client import BrokerClient
-from tests.pool import Pool, shut_down
-from tests.sshd import ClientKeys, end_warm_interpreters, start_hosts
+from tests.pool import loopback_pool, shut_down
+from tests.sshd import end_warm_interpreters
 
 
 def run(kc, code: str, mark: str = "@out", timeout: float = 120) -> tuple[float, str]:
@@ -63,10 +63,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "keys").mkdir()
-        keys = ClientKeys(base / "keys")
-        hosts = start_hosts(base / "hosts", keys, ["hostA", "hostB"])
-        pool = Pool(base / "pool", hosts, keys)
+        hosts, pool = loopback_pool(base, ["hostA", "hostB"])
         os.environ["SHARED_GPU_RUNTIME_ROOT"] = str(base / "kernels")
         times: dict[str, list[float]] = {"same host": [], "another host": []}
         try:

@@ -25,8 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jupyter_client.manager import KernelManager
 
-from tests.pool import Pool, shut_down
-from tests.sshd import ClientKeys, start_hosts
+from tests.pool import loopback_pool, shut_down
 
 
 def time_start(make_km) -> tuple[float, KernelManager, object]:
@@ -115,10 +114,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
-        (base / "keys").mkdir()
-        keys = ClientKeys(base / "keys")
-        hosts = start_hosts(base / "hosts", keys, ["gpuhost"])
-        pool = Pool(base / "pool", hosts, keys)
+        hosts, pool = loopback_pool(base, ["gpuhost"])
         os.environ["SHARED_GPU_RUNTIME_ROOT"] = str(base / "kernels")
         try:
             pool.start()

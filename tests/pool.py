@@ -20,7 +20,7 @@ from jupyter_client.blocking import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 
-from tests.sshd import ClientKeys, TestHost, free_port
+from tests.sshd import ClientKeys, TestHost, free_port, start_hosts
 
 BIN = Path(sys.executable).parent
 
@@ -66,6 +66,16 @@ def host_table(host: TestHost, keys: ClientKeys) -> list[str]:
         "  [[hosts.slots]]",
         '  kind = "sim"',
     ]
+
+
+def loopback_pool(base: Path, names: list[str], **policy: str) -> tuple[list[TestHost], Pool]:
+    """sshd hosts ``names`` on loopback (their keys trusted) and a ``Pool`` over them, all under
+    ``base``; for the benches (the tests build theirs from fixtures). Start the pool, stop it
+    and the hosts when done."""
+    (base / "keys").mkdir()
+    keys = ClientKeys(base / "keys")
+    hosts = start_hosts(base / "hosts", keys, names)
+    return hosts, Pool(base / "pool", hosts, keys, **policy)
 
 
 def shut_down(km: KernelManager, timeout: float = 15.0) -> None:

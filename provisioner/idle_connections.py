@@ -57,6 +57,11 @@ class IdleConnections:
         with self._lock:
             return len(self._kept)
 
+    def kept(self, target: HostTarget) -> list[HostConnection]:
+        """The connections kept for ``target`` now, oldest first."""
+        with self._lock:
+            return [k.conn for k in self._kept if k.target == target]
+
     def take(self, target: HostTarget) -> HostConnection | None:
         """A kept connection to ``target`` whose host answers, or None (connect anew)."""
         while True:

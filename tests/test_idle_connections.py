@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.client import BrokerClient
 from gpu_kernel.ssh import connect
 from provisioner.idle_connections import IDLE, IdleConnections, borrowed
 from tests.conftest import target_for
@@ -59,27 +60,32 @@ def run_in(kc, code: str) -> str:
 def test_the_next_kernel_on_a_host_starts_on_the_connection_the_last_one_left(
     pool: Pool, ssh_hosts: list[TestHost]
 ) -> None:
-    IDLE.close()  # what earlier tests left
     pool.install_spec(name="eager", attach="eager")
     km = pool.kernel_manager("eager")
     km.start_kernel()
-    first = km.provisioner.session.link.connection
-    host = km.provisioner.session.lease.host.name
+    session = km.provisioner.session
+    first, target = session.link.connection, session.link.target
     kc = km.client()
     kc.start_channels()
     kc.wait_for_ready(timeout=60)
     assert run_in(kc, "print(6 * 7)").strip() == "42"
     kc.stop_channels()
     shut_down(km)
-    assert first.is_alive() and len(IDLE) == 1  # kept, its tunnels closed
-    assert first.forwarding() == []
+    # kept (an earlier test's session may have left others to that host too), tunnels closed
+    kept = IDLE.kept(target)
+    assert first in kept and first.is_alive() and first.forwarding() == []
 
+    admin = BrokerClient(pool.url, pool.admin_token)
+    for host in ssh_hosts:  # the next kernel goes to the same host
+        if host.name != target.name:
+            admin.drain(host.name)
     again = pool.kernel_manager("eager")
     again.start_kernel()
     try:
         session = again.provisioner.session
-        if session.lease.host.name == host:  # one slot per host: the same host is free again
-            assert session.link.connection is first and len(IDLE) == 0
+        assert session.link.target == target
+        assert session.link.connection in kept  # no new handshake
+        assert session.link.connection not in IDLE.kept(target)  # and no longer shared
         kc = again.client()
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
@@ -87,7 +93,9 @@ def test_the_next_kernel_on_a_host_starts_on_the_connection_the_last_one_left(
         kc.stop_channels()
     finally:
         shut_down(again)
-    IDLE.close()
+        for host in ssh_hosts:
+            admin.drain(host.name, drained=False)
+        admin.close()
 
 
 def test_a_kept_connection_whose_host_stopped_answering_is_closed_not_used(

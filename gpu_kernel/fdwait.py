@@ -12,7 +12,6 @@ import select
 from collections.abc import Sequence
 from typing import Any
 
-FD_SETSIZE = 1024  # select()'s limit on a descriptor's number
 _READ = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR | select.POLLNVAL
 _WRITE = select.POLLOUT | select.POLLHUP | select.POLLERR | select.POLLNVAL
 
@@ -26,23 +25,25 @@ def ready(
 ) -> tuple[list[Any], list[Any]]:
     """The objects of ``readers`` ready to read and of ``writers`` ready to write (a descriptor
     or anything with ``fileno()``), waiting up to ``timeout`` s (None: until one is).
-    ``select`` while every descriptor is below its limit (it is the cheaper call for the few a
-    tunnel pump watches), ``poll`` past it."""
-    if all(_fd(obj) < FD_SETSIZE for obj in (*readers, *writers)):
+    ``select`` first (the cheaper call for the few a tunnel pump watches, and no extra work on
+    its hot path); ``poll`` when a descriptor is past select's limit and it refuses."""
+    try:
         r, w, _ = select.select(readers, writers, [], timeout)
         return r, w
-    poller = select.poll()
+    except ValueError:  # "filedescriptor out of range in select()"
+        pass
+    read_fds = [_fd(obj) for obj in readers]
+    write_fds = [_fd(obj) for obj in writers]
     wanted: dict[int, int] = {}
-    for obj in readers:
-        fd = _fd(obj)
+    for fd in read_fds:
         wanted[fd] = wanted.get(fd, 0) | select.POLLIN | select.POLLPRI
-    for obj in writers:
-        fd = _fd(obj)
+    for fd in write_fds:
         wanted[fd] = wanted.get(fd, 0) | select.POLLOUT
+    poller = select.poll()
     for fd, mask in wanted.items():
         poller.register(fd, mask)
     events = dict(poller.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
     return (
-        [obj for obj in readers if events.get(_fd(obj), 0) & _READ],
-        [obj for obj in writers if events.get(_fd(obj), 0) & _WRITE],
+        [obj for obj, fd in zip(readers, read_fds, strict=True) if events.get(fd, 0) & _READ],
+        [obj for obj, fd in zip(writers, write_fds, strict=True) if events.get(fd, 0) & _WRITE],
     )

@@ -63,6 +63,14 @@ class KernelOnHost:
     exited: threading.Event = field(default_factory=threading.Event)
 
 
+def _close_tunnels(conn: HostConnection, upstream: dict[str, int]) -> None:
+    """Stop forwarding the local ports of ``upstream`` (channel -> local port) on ``conn``: a
+    kernel ended, moved or was replaced, a forward failed half-way, or the connection goes to
+    the idle ones."""
+    for local in upstream.values():
+        conn.unforward(local)
+
+
 class HostLink:
     """One SSH connection (replaced when the lease moves to another host) and one watched kernel."""
 
@@ -104,7 +112,7 @@ class HostLink:
             if conn is not None and conn.is_alive() and self.target == target:
                 return conn
         self._replace_connection(None, None, keep_old=True)
-        conn = self._idle.take(target) or connect(target, cancel)
+        conn = self._idle.connection(target, cancel)
         with self._lock:
             self._conn, self.target = conn, target
         return conn
@@ -127,8 +135,8 @@ class HostLink:
         if old is None:
             return
         if keep_old and old_target is not None:
-            for local in kernel.upstream.values() if kernel is not None else ():
-                old.unforward(local)
+            if kernel is not None:
+                _close_tunnels(old, kernel.upstream)
             self._idle.give(old_target, old)
         else:
             old.close()
@@ -165,8 +173,7 @@ class HostLink:
             for name, port in ports.items():
                 upstream[name] = conn.forward(port)
         except BaseException:
-            for local in upstream.values():
-                conn.unforward(local)
+            _close_tunnels(conn, upstream)
             raise
         return upstream
 
@@ -181,8 +188,7 @@ class HostLink:
         if old_watch is not None:
             old_watch.close()
         if old_kernel is not None and conn is not None:
-            for local in old_kernel.upstream.values():
-                conn.unforward(local)
+            _close_tunnels(conn, old_kernel.upstream)
         threading.Thread(
             target=self._watch_loop,
             args=(kernel, stream, generation),
@@ -200,8 +206,7 @@ class HostLink:
         if watch is not None:
             watch.close()
         if kernel is not None and conn is not None:
-            for local in kernel.upstream.values():
-                conn.unforward(local)
+            _close_tunnels(conn, kernel.upstream)
 
     def adopt(self, reply: LaunchReply, cancel: CancelToken) -> KernelOnHost | None:
         """Watch and tunnel a kernel another process launched (re-attach); None when it is not

@@ -76,6 +76,10 @@ class IdleConnections:
             log.info("a kept SSH connection to %s no longer answers; closing it", target.name)
             kept.conn.close()
 
+    def connection(self, target: HostTarget, cancel: CancelToken = NEVER) -> HostConnection:
+        """A kept connection to ``target`` whose host answers, else a new one (``connect``)."""
+        return self.take(target) or connect(target, cancel)
+
     def give(self, target: HostTarget, conn: HostConnection) -> None:
         """Keep ``conn`` for the next kernel on ``target``, or close it: when keeping is off,
         it is dead, or it still forwards ports (then a kernel's tunnels would outlive it)."""
@@ -136,7 +140,7 @@ def borrowed(
     """A connection to ``target`` for a few commands (a checkpoint's copy from its host, its
     deletion there): a kept one, else a new one; kept again afterwards, closed if the block
     raised (it may have broken mid-command)."""
-    conn = idle.take(target) or connect(target, cancel)
+    conn = idle.connection(target, cancel)
     try:
         yield conn
     except BaseException:

@@ -210,15 +210,22 @@ def test_suspend_then_restore_in_a_new_kernel(launch: Launch, conn: HostConnecti
         kc.stop_channels()
 
 
-def test_tampered_or_foreign_checkpoint_is_refused(launch: Launch, conn: HostConnection) -> None:
+def saved_kernel(launch: Launch, conn: HostConnection, code: str, reason: str) -> LaunchRequest:
+    """Launch a kernel, run ``code`` in it, suspend it (``reason``); its request, once it has
+    exited with 75 and left its checkpoint in its runtime dir."""
     req, reply = launch()
     kc = client_for(reply)
     try:
-        run_code(kc, "secret = 'abc' * 1000")
-        assert control(kc, "suspend_request", {"reason": "test"})["status"] == "ok"
+        run_code(kc, code)
+        assert control(kc, "suspend_request", {"reason": reason})["status"] == "ok"
     finally:
         kc.stop_channels()
     assert exited(conn, req) == 75
+    return req
+
+
+def test_tampered_or_foreign_checkpoint_is_refused(launch: Launch, conn: HostConnection) -> None:
+    req = saved_kernel(launch, conn, "secret = 'abc' * 1000", "test")
     ckpt = rdir_of(req) / "checkpoint"
 
     # Another kernel id (so another key would be normal): a foreign key is refused.
@@ -288,14 +295,7 @@ def test_a_kernel_orphaned_before_its_restore_keeps_the_saved_state(
     checkpoint. If its proxy goes quiet before the restore (a tunnel lost mid-resume), the
     watchdog must not save the still-empty namespace over the user's state: it exits, and the
     next resume finds every variable."""
-    req, reply = launch()
-    kc = client_for(reply)
-    try:
-        run_code(kc, "kept = 41")
-        assert control(kc, "suspend_request", {"reason": "idle"})["status"] == "ok"
-    finally:
-        kc.stop_channels()
-    assert exited(conn, req) == 75
+    req = saved_kernel(launch, conn, "kept = 41", "idle")
 
     req2, reply2 = launch(grace="1", kernel_id=req.kernel_id, extra_env={RESTORE_PENDING_ENV: "1"})
     kc = client_for(reply2)

@@ -156,16 +156,42 @@ class Costs:
     ``cold``: grant to the first cell's start, a new kernel; ``resume_same`` / ``resume_other``:
     grant to the cell's start when the kernel comes back on the host of its checkpoint / on
     another (copy included); ``suspend``: the order's arrival to the slot's release;
-    ``kill``: a culled kernel's end to the slot's release."""
+    ``kill``: a culled kernel's end to the slot's release. ``cold_no_warm`` /
+    ``resume_no_warm`` / ``suspend_no_warm``: the same for a kernel launched where its user had
+    no warm interpreter (``gpu_kernel.warm``: their first launch on that host), the cold way:
+    its start or restore imports what a warm one had, and so does its save."""
 
     cold: list[float]
     resume_same: list[float]
     resume_other: list[float]
     suspend: list[float]
     kill: list[float]
+    cold_no_warm: list[float] = field(default_factory=list)
+    resume_no_warm: list[float] = field(default_factory=list)
+    suspend_no_warm: list[float] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)
 
-    STEPS = ("cold", "resume_same", "resume_other", "suspend", "kill")
+    STEPS = (
+        "cold",
+        "resume_same",
+        "resume_other",
+        "suspend",
+        "kill",
+        "cold_no_warm",
+        "resume_no_warm",
+        "suspend_no_warm",
+    )
+    # a step without samples takes this one's (costs measured before warm interpreters
+    # were told apart; a rehearsal where every new kernel found none, or none found one)
+    FALLBACK = {
+        "cold_no_warm": "cold",
+        "resume_no_warm": "resume_other",
+        "suspend_no_warm": "suspend",
+        "cold": "cold_no_warm",
+        "resume_other": "resume_same",
+        "resume_same": "resume_other",
+        "kill": "suspend",
+    }
 
     def draw(self, step: str, rng: random.Random) -> float:
         samples: list[float] = getattr(self, step)
@@ -178,16 +204,32 @@ class Costs:
         return {"source": self.source, **{s: getattr(self, s) for s in self.STEPS}}
 
     @classmethod
+    def pooled(cls, samples: dict[str, list[float]], source: dict[str, Any]) -> Costs:
+        """Costs from ``samples`` (step -> seconds), each step without any taking its
+        ``FALLBACK``'s; ValueError naming the steps still without samples."""
+        pooled = {step: list(samples.get(step, [])) for step in cls.STEPS}
+        for step in cls.STEPS:
+            if not pooled[step] and step in cls.FALLBACK:
+                pooled[step] = list(pooled[cls.FALLBACK[step]])
+        missing = [step for step in cls.STEPS if not pooled[step]]
+        if missing:
+            raise ValueError(f"no samples for {', '.join(missing)}")
+        return cls(**pooled, source=source)
+
+    @classmethod
     def load(cls, path: Path) -> Costs:
         data = json.loads(path.read_text())
-        missing = [s for s in cls.STEPS if not data.get(s)]
-        if missing:
-            raise ValueError(f"{path}: no samples for {', '.join(missing)}")
-        return cls(**{s: [float(x) for x in data[s]] for s in cls.STEPS}, source=data["source"])
+        samples = {s: [float(x) for x in data.get(s) or []] for s in cls.STEPS}
+        try:
+            return cls.pooled(samples, data["source"])
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
 
     @classmethod
     def fixed(cls, resume: float, suspend: float, cold: float) -> Costs:
-        return cls([cold], [resume], [resume], [suspend], [min(suspend, 0.5)], {"fixed": True})
+        samples = {"cold": [cold], "resume_same": [resume], "resume_other": [resume]}
+        samples.update(suspend=[suspend], kill=[min(suspend, 0.5)])
+        return cls.pooled(samples, {"fixed": True})
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -31,6 +31,7 @@ from broker.config.loader import load_config  # noqa: E402
 from broker.http.auth import create_token  # noqa: E402
 from broker.store.sqlite import Store  # noqa: E402
 from provisioner.install import main as install_kernelspec  # noqa: E402
+from provisioner.settings import ProvisionerSettings  # noqa: E402
 from tests.pool import host_table  # noqa: E402
 from tests.sshd import ClientKeys, TestHost, free_port  # noqa: E402
 
@@ -284,7 +285,7 @@ def broker_events(database: Path) -> dict[str, list]:
     db = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
     try:
         leases = db.execute(
-            "SELECT id, kernel_id, slot_id, created_at, granted_at, ended_at, end_reason "
+            "SELECT id, user, kernel_id, slot_id, created_at, granted_at, ended_at, end_reason "
             "FROM leases ORDER BY seq"
         ).fetchall()
         events = db.execute("SELECT at, kind, lease_id FROM events ORDER BY seq").fetchall()
@@ -295,23 +296,29 @@ def broker_events(database: Path) -> dict[str, list]:
 
 def wake_and_save(r: Rehearsal, data: dict[str, list]) -> tuple[dict[str, int], dict[str, list]]:
     """Suspends and resumes within the day, and the cost samples: grant to the cell's start for
-    each wake (cold: a kernel's first lease; a resume on its last host or another), and order to
-    release for each suspend (less half a heartbeat: the order waits for one)."""
-    samples: dict[str, list[float]] = {k: [] for k in ("cold", "resume_same", "resume_other")}
-    samples["suspend"] = []
+    each wake (cold: a kernel's first lease; a resume on its last host or another; ``_no_warm``
+    when its user had no warm interpreter on that host: none launched there within
+    ``ProvisionerSettings.warm`` s, counted from the day's start, which had none), and order to
+    release for each suspend (less half a heartbeat: the order waits for one; ``_no_warm`` for a
+    kernel launched so)."""
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("cold", "resume_same", "resume_other", "suspend")
+    }
+    samples.update({f"{k}_no_warm": [] for k in ("cold", "resume", "suspend")})
     starts = {}
     for s in r.students:
         for c in s.cells:
             if c.started is not None:
                 starts.setdefault(s.kernel_ids[c.kernel], []).append(c.started)
     last_host: dict[str, str] = {}
+    warm_until: dict[tuple[str, str], float] = {}  # (user, host) -> its warm interpreter's end
     ordered: dict[str, float] = {}
     for at, kind, lease_id in data["events"]:
         if kind == "suspend_ordered":
             ordered[lease_id] = at
     half_beat = r.played.heartbeat_interval / 2
     resumes = suspends = 0
-    for lease_id, kernel_id, slot_id, _created, granted, ended, reason in data["leases"]:
+    for lease_id, user, kernel_id, slot_id, _created, granted, ended, reason in data["leases"]:
         if granted is None or granted > r.end:
             continue
         host = (slot_id or "").split("/")[0]
@@ -322,13 +329,18 @@ def wake_and_save(r: Rehearsal, data: dict[str, list]) -> tuple[dict[str, int], 
             "cold" if first else ("resume_same" if host == last_host[kernel_id] else "resume_other")
         )
         last_host[kernel_id] = host
+        no_warm = "" if granted < warm_until.get((user, host), granted) else "_no_warm"
+        warm_until[(user, host)] = granted + ProvisionerSettings.warm
+        if no_warm:
+            step = "cold_no_warm" if first else "resume_no_warm"
         later = [t for t in starts.get(kernel_id, []) if t >= granted]
         if later:
             samples[step].append(min(later) - granted)
         if reason == "suspended" and ended is not None and ended <= r.end:
             suspends += 1
             if lease_id in ordered:
-                samples["suspend"].append(max(0.01, ended - ordered[lease_id] - half_beat))
+                saved = max(0.01, ended - ordered[lease_id] - half_beat)
+                samples["suspend" + no_warm].append(saved)
     return {"resumes": resumes, "suspends": suspends}, samples
 
 

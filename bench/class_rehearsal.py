@@ -11,14 +11,17 @@ kernels through jupyter_client's KernelManager, each with its own broker user, r
 of a class day drawn from ``class_model`` (think ~240 s, GPU cells ~30 s, two hours) compressed
 into ``--minutes``. Every time in the day and in the broker's policy is divided by the same
 factor; the costs of the machinery (start, save, restore, copy) are not, which is what the
-rehearsal measures. Waits are reported scaled back to the real day (times the factor).
+rehearsal measures. Waits are reported scaled back to the real day (times the factor). Each
+class starts with no warm interpreter on the hosts (``gpu_kernel.warm``), as a class day does:
+those an earlier class left would make its students' first launches on a host warm.
 
 For each policy and class size it reports the waits at a cell's start (p50/p95/max), suspends
 and resumes per student, checkpoint bytes written and copied, the notebooks the culler cost their
 state, and checks every student's state at the end against what their cells built: a state lost
 (or a cell that failed) fails the run. From all runs it fits the class-day model's costs (grant to
 cell start for a new kernel and a resume on the same or another host; order to release for a
-suspend; shutdown for a cull), writes them to ``OUT/class_costs.json`` for ``bench/class_day.py``,
+suspend; each apart for a kernel launched where its user had no warm interpreter yet; shutdown
+for a cull), writes them to ``OUT/class_costs.json`` for ``bench/class_day.py``,
 and sets the model's waits for the same runs beside the rehearsal's.
 """
 
@@ -48,24 +51,16 @@ from tests.sshd import ClientKeys, end_warm_interpreters, start_hosts  # noqa: E
 
 def fit_costs(outcomes: list[Outcome], source: dict) -> Costs:
     """The class-day model's costs: every sample of every rehearsal (a step no rehearsal saw
-    takes the closest one's: another host's resume is a same host's when none moved)."""
+    takes the closest one's, ``Costs.FALLBACK``: another host's resume is a same host's when
+    none moved)."""
     pooled: dict[str, list[float]] = {step: [] for step in Costs.STEPS}
     for outcome in outcomes:
         for step, values in outcome.samples.items():
             pooled[step] += [round(v, 4) for v in values]
-    fallback = {
-        "resume_other": "resume_same",
-        "resume_same": "resume_other",
-        "kill": "suspend",
-        "cold": "resume_other",
-    }
-    for step in Costs.STEPS:
-        if not pooled[step] and pooled.get(fallback.get(step, ""), []):
-            pooled[step] = list(pooled[fallback[step]])
-    missing = [step for step in Costs.STEPS if not pooled[step]]
-    if missing:
-        raise SystemExit(f"no samples for {', '.join(missing)}: rehearse a policy that suspends")
-    return Costs(**pooled, source=source)
+    try:
+        return Costs.pooled(pooled, source)
+    except ValueError as exc:
+        raise SystemExit(f"{exc}: rehearse a policy that suspends") from None
 
 
 def model_beside(outcome: Outcome, costs: Costs, seed: int, draws: int = 5) -> Waits:
@@ -166,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for spec in policies:
             for n in sizes:
+                end_warm_interpreters(base)  # a class day starts with none (the model's too)
                 started = time.time()
                 o = rehearse(
                     base / f"{spec.name}-{n}",

@@ -14,6 +14,10 @@ module plays what the rest of the system does, with the costs a rehearsal measur
   takes ``Costs.cold`` (a new kernel) or ``Costs.resume_same`` / ``resume_other`` (restore on
   the checkpoint's host / on another) from the grant to the cell's start; a cell asked for while
   its kernel saves waits for the save, then for a slot (as the session proxy holds it);
+- a launch on a host where the student has no warm interpreter (the day starts with none; a
+  launch leaves one, which ends ``warm`` s after its last launch) starts the kernel the cold
+  way: its wake takes ``Costs.cold_no_warm`` / ``resume_no_warm``, and its suspend
+  ``suspend_no_warm``;
 - the culler (JupyterHub's idle culler) looks every half of its timeout and ends kernels idle
   that long: their state is lost, and the next cell starts a new kernel.
 """
@@ -31,6 +35,7 @@ from broker.core.events import Granted, Heartbeat, Release, RequestLease, Suspen
 from broker.core.policy import Policy
 from broker.core.scheduler import Scheduler
 from broker.core.slots import SlotState
+from provisioner.settings import ProvisionerSettings
 
 KIND = "gpu"
 IDLE, QUEUED, WAKING, RUNNING, SAVING = "idle", "queued", "waking", "running", "saving"
@@ -63,6 +68,8 @@ class Student:
     busy: bool = False
     last_activity: float = 0.0
     saved_host: str | None = None  # where its state is, while it holds no slot
+    warm_until: dict[str, float] = field(default_factory=dict)  # host -> its warm one's end
+    launched_cold: bool = False  # the kernel that holds (or held) the slot found no warm one
     has_state: bool = False  # a kernel ran cells whose state it would keep
     waiting_cell: bool = False  # a cell asked for while the kernel saved
     order_pending: bool = False
@@ -103,9 +110,11 @@ class ClassDay:
         tick: float = 1.0,
         compress: float = 1.0,
         cost_seed: int | None = None,
+        warm: float = ProvisionerSettings.warm,
     ) -> None:
         spec = spec.compressed(compress)  # ``day`` is already: ``Day.compressed``
         self.spec, self.day, self.costs, self.tick = spec, day, costs, tick
+        self.warm = warm  # a machine setting, like the costs: never compressed
         self.interval = spec.heartbeat_interval
         self.culler = spec.culler
         pool = [
@@ -192,11 +201,15 @@ class ClassDay:
     def _granted(self, s: Student, slot_id: str, now: float) -> None:
         s.state, s.beat0 = WAKING, now
         host = self.host_of[slot_id]
+        s.launched_cold = now >= s.warm_until.get(host, -INF)
+        s.warm_until[host] = now + self.warm
         if not s.has_state:
             kind = "cold"
         else:
             kind = "resume_same" if host == s.saved_host else "resume_other"
             s.resumes += 1
+        if s.launched_cold:
+            kind = "resume_no_warm" if s.has_state else "cold_no_warm"
         self.result.wake_kinds[kind] = self.result.wake_kinds.get(kind, 0) + 1
         s.saved_host = host
         self._at(now + self.costs.draw(kind, self.rng), "ready", s.index)
@@ -243,7 +256,8 @@ class ClassDay:
             s.order_pending = False
             if s.state == RUNNING and not s.busy:  # a busy or waking kernel refuses
                 s.state = SAVING
-                self._at(now + self.costs.draw("suspend", self.rng), "saved", s.index)
+                step = "suspend_no_warm" if s.launched_cold else "suspend"
+                self._at(now + self.costs.draw(step, self.rng), "saved", s.index)
 
     def _cull(self, now: float) -> None:
         assert self.culler is not None

@@ -1,6 +1,6 @@
 """Command line of the GPU-host side; ``remote.py`` runs these over SSH.
 
-python -m gpu_kernel launch                       # LaunchRequest line on stdin
+python -m gpu_kernel launch                       # LaunchRequest line on stdin (waits 120 s)
 python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N --host NAME [--runtime-root DIR]
 python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint --host NAME   # tar stream
 python -m gpu_kernel ctl KERNEL_ID watch --host NAME   # a status line a second until it ends
@@ -18,7 +18,7 @@ import json
 import sys
 
 from gpu_kernel.errors import BadRequest
-from gpu_kernel.protocol import LaunchReply
+from gpu_kernel.protocol import LAUNCH_AHEAD_WAIT, LaunchReply
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return _checkpoint_stream(args.kernel_id, args.action, args.runtime_root, args.host)
 
     if args.command == "launch":
-        reply, status, started = launcher.launch_main(sys.stdin.buffer.readline(1 << 20))
+        line = launcher.request_line(sys.stdin.buffer, LAUNCH_AHEAD_WAIT)
+        if not line:  # started ahead, and no request came: nothing to do
+            return 0
+        reply, status, started = launcher.launch_main(line)
         print(reply.to_json(), flush=True)
         if started is not None and started.watch:
             return launcher.watch(started.rdir, sys.stdout.buffer, started.proc)

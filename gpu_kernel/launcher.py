@@ -79,6 +79,14 @@ class Started:
     watch: bool
 
 
+def request_line(stdin: IO[bytes], wait: float) -> bytes:
+    """The request line from ``stdin``; empty when it closed, or stayed silent ``wait`` s (a
+    launcher started ahead, ``remote.prepare_launch``, whose request never came)."""
+    if not fdwait.ready([stdin], (), wait)[0]:
+        return b""
+    return stdin.readline(1 << 20)
+
+
 def launch_main(stdin_line: bytes) -> tuple[LaunchReply, int, Started | None]:
     """Handle one request line; returns the reply, the launcher's exit status and the kernel."""
     try:

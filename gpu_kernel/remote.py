@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from gpu_kernel.errors import BadRequest, KernelControlError, LaunchError, ProtocolMismatch
 from gpu_kernel.protocol import (
+    LAUNCH_AHEAD_FRESH,
     KernelStatus,
     LaunchReply,
     LaunchRequest,
@@ -109,16 +110,30 @@ def _check_protocol(
         )
 
 
+def _launch_argv(target: HostTarget) -> list[str]:
+    return [_python(target), "-m", "gpu_kernel", "launch"]
+
+
+def prepare_launch(conn: HostConnection, target: HostTarget) -> None:
+    """Start a launcher on ``conn`` ahead of the next kernel there, which ``launch_watched``
+    hands it: the host's login shell (sshd runs every command through it, and a `conda init` or
+    `pyenv init` in ``~/.bashrc`` costs ~0.1 s) and the launcher's imports are paid while no one
+    waits. The launcher waits for its request ``LAUNCH_AHEAD_WAIT`` s, then exits; returns at
+    once."""
+    conn.start_ahead(_launch_argv(target), LAUNCH_AHEAD_FRESH)
+
+
 def launch_watched(
     conn: HostConnection, target: HostTarget, request: LaunchRequest
 ) -> tuple[LaunchReply, CommandStream]:
     """Start a kernel and keep the launcher's channel open as its watch: after the reply, the
     stream's stdout carries a ``KernelStatus`` line a second while the kernel runs and a last one
     with its exit code (``launcher.watch``). Raises as ``launch`` does; the caller closes the
-    stream (the kernel runs on)."""
+    stream (the kernel runs on). The launcher is the one ``prepare_launch`` started on ``conn``,
+    when it is still there."""
     python = _python(target)
     request = dataclasses.replace(request, watch=True)
-    stream = conn.open_stream([python, "-m", "gpu_kernel", "launch"], timeout=LAUNCH_TIMEOUT)
+    stream = conn.open_stream(_launch_argv(target), timeout=LAUNCH_TIMEOUT)
     try:
         stream.stdin.write(request.to_json().encode() + b"\n")
         stream.stdin.flush()

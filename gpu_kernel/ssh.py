@@ -93,10 +93,12 @@ class CommandStream:
         close: Callable[[], None],
         read_stderr: Callable[[], bytes],
         set_timeout: Callable[[float], None] | None = None,
+        ended: Callable[[], bool] | None = None,
     ) -> None:
         self.stdin, self.stdout = stdin, stdout
         self._close_stdin, self._wait, self._close = close_stdin, wait, close
         self._set_timeout = set_timeout
+        self._ended = ended
         self._stderr = bytearray()
         self._stderr_thread = threading.Thread(target=self._drain, args=(read_stderr,), daemon=True)
         self._stderr_thread.start()
@@ -118,6 +120,10 @@ class CommandStream:
         SSH; a local command's pipe has no timeout, and a local host never drops off the net)."""
         if self._set_timeout is not None:
             self._set_timeout(seconds)
+
+    def ended(self) -> bool:
+        """The command has exited or its channel has closed (nothing more goes in)."""
+        return self._ended() if self._ended is not None else False
 
     def wait(self, timeout: float = 30) -> CommandResult:
         """Wait for the exit; ``stdout`` of the result is empty (it was read as a stream)."""
@@ -146,6 +152,13 @@ class HostConnection:
     def open_stream(self, argv: list[str], timeout: float = 60) -> CommandStream:
         """Start ``argv`` with streamed stdin/stdout; a read waiting over ``timeout`` s fails."""
         raise NotImplementedError
+
+    def start_ahead(self, argv: list[str], fresh_for: float) -> None:
+        """Start ``argv`` now, for the next ``open_stream(argv)`` to take within ``fresh_for``
+        seconds: the host's login shell and the command's own start-up happen while nobody
+        waits. Only for a command that does nothing until it reads its stdin, and that exits by
+        itself some time after ``fresh_for`` when nothing comes. Returns at once; a connection
+        without a shell to save (``LocalConnection``) starts nothing."""
 
     def forward(self, remote_port: int) -> int:
         """A 127.0.0.1 port here that reaches 127.0.0.1:``remote_port`` on the host."""
@@ -223,7 +236,15 @@ class LocalConnection(HostConnection):
             with contextlib.suppress(OSError):
                 p.stdin.close()  # type: ignore[union-attr]
 
-        return CommandStream(p.stdin, p.stdout, close_stdin, wait, close, lambda: err.read1(65536))
+        return CommandStream(
+            p.stdin,
+            p.stdout,
+            close_stdin,
+            wait,
+            close,
+            lambda: err.read1(65536),
+            ended=lambda: p.poll() is not None,
+        )
 
     def forward(self, remote_port: int) -> int:
         return remote_port
@@ -284,6 +305,17 @@ def _load_key(target: HostTarget) -> paramiko.PKey:
         raise SSHAuthError(f"cannot load the SSH key {path} for {target.login}: {e}") from e
 
 
+AHEAD_OPEN_TIMEOUT = 10.0  # s for a channel started ahead to open (nobody waits on it)
+
+
+@dataclass
+class _Ahead:
+    """A command ``start_ahead`` started, waiting for ``open_stream`` to take it."""
+
+    stream: CommandStream
+    fresh_until: float  # time.monotonic() after which it is not handed out
+
+
 class SSHConnection(HostConnection):
     """One paramiko Transport to a host; all forwards share it and one pump thread."""
 
@@ -293,6 +325,8 @@ class SSHConnection(HostConnection):
         self._closed = False
         self._pump: ForwardPump | None = None
         self._sock: socket.socket | None = None
+        self._ahead: dict[str, _Ahead] = {}  # command line -> a channel started ahead
+        self._opening: set[str] = set()  # command lines whose channel start_ahead is opening
         with cancel.hook(self._abort_handshake):
             self._handshake()
         self._transport.set_keepalive(15)
@@ -449,7 +483,51 @@ class SSHConnection(HostConnection):
             chan.close()
 
     def open_stream(self, argv: list[str], timeout: float = 60) -> CommandStream:
-        """Run ``argv`` on a fresh channel whose stdin/stdout are file objects."""
+        """Run ``argv`` on a channel whose stdin/stdout are file objects: the one
+        ``start_ahead(argv)`` started, when it is still fresh and running; else a new one."""
+        with self._lock:
+            ahead = self._ahead.pop(shlex.join(argv), None)
+        if ahead is not None:
+            if time.monotonic() < ahead.fresh_until and not ahead.stream.ended():
+                ahead.stream.set_read_timeout(timeout)
+                return ahead.stream
+            ahead.stream.close()
+        return self._new_stream(argv, timeout)
+
+    def start_ahead(self, argv: list[str], fresh_for: float) -> None:
+        key = shlex.join(argv)
+        with self._lock:
+            if self._closed or key in self._opening:
+                return
+            held = self._ahead.get(key)
+            if held is not None and time.monotonic() < held.fresh_until and not held.stream.ended():
+                return
+            self._opening.add(key)
+        threading.Thread(
+            target=self._open_ahead,
+            args=(argv, key, fresh_for),
+            name=f"ssh-ahead-{self.target.name}",
+            daemon=True,
+        ).start()
+
+    def _open_ahead(self, argv: list[str], key: str, fresh_for: float) -> None:
+        """``start_ahead``'s thread: open the channel (a round trip or two), then keep it."""
+        stream: CommandStream | None = None
+        try:
+            stream = self._new_stream(argv, AHEAD_OPEN_TIMEOUT)
+        except HostUnreachable as e:  # the next open_stream opens one itself (and says why)
+            log.debug("starting `%s` ahead on %s failed: %s", key, self.target.name, e)
+        with self._lock:
+            self._opening.discard(key)
+            old = self._ahead.pop(key, None)
+            if stream is not None and not self._closed:
+                self._ahead[key] = _Ahead(stream, time.monotonic() + fresh_for)
+                stream = None
+        for unused in (old.stream if old is not None else None, stream):
+            if unused is not None:
+                unused.close()
+
+    def _new_stream(self, argv: list[str], timeout: float) -> CommandStream:
         try:
             chan = self._transport.open_session(timeout=timeout)
             chan.settimeout(timeout)
@@ -479,6 +557,7 @@ class SSHConnection(HostConnection):
             chan.close,
             read_stderr,
             chan.settimeout,
+            lambda: chan.closed or chan.eof_received or chan.exit_status_ready(),
         )
 
     def _lost(self, e: BaseException) -> HostUnreachable:
@@ -534,6 +613,9 @@ class SSHConnection(HostConnection):
                 return
             self._closed = True
             pump = self._pump
+            ahead, self._ahead = list(self._ahead.values()), {}
+        for held in ahead:
+            held.stream.close()
         if pump is not None:
             pump.stop()
         if self._pty is not None:

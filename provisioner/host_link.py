@@ -4,7 +4,8 @@
 ``open(target)`` (the connection it has, when the host did not change; else one that an ended
 session left in ``idle_connections``), ``launch(request)`` (the
 launcher's channel stays open as the kernel's *watch*: a status line a second, and one with the
-exit code the moment the kernel ends), ``ctl``/``run`` for host commands, ``drop_kernel()`` when
+exit code the moment the kernel ends; the launcher was started ahead on a connection that
+waited, ``remote.prepare_launch``), ``ctl``/``run`` for host commands, ``drop_kernel()`` when
 the kernel has ended or moved, ``close()``.
 
 The link's own thread reads the watch. When the lines stop for ``link_timeout`` seconds or the
@@ -197,16 +198,19 @@ class HostLink:
         ).start()
 
     def drop_kernel(self) -> None:
-        """The kernel ended or moved away: stop watching it and close its tunnels."""
+        """The kernel ended or moved away: stop watching it and close its tunnels. The
+        connection stays, with a launcher started on it for the next kernel (a resume here)."""
         with self._lock:
             kernel, self.kernel = self.kernel, None
             watch, self._watch = self._watch, None
             self._generation += 1
-            conn = self._conn
+            conn, target = self._conn, self.target
         if watch is not None:
             watch.close()
         if kernel is not None and conn is not None:
             _close_tunnels(conn, kernel.upstream)
+        if conn is not None and target is not None and conn.is_alive():
+            remote.prepare_launch(conn, target)
 
     def adopt(self, reply: LaunchReply, cancel: CancelToken) -> KernelOnHost | None:
         """Watch and tunnel a kernel another process launched (re-attach); None when it is not

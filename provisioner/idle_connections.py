@@ -14,7 +14,8 @@ have opened the same one. A connection comes back only without tunnels (its kern
 closed first) and is handed to one link at a time. ``take`` checks that the host still answers
 (an SSH keep-alive round trip, ``CHECK_TIMEOUT`` at most): one that does not is closed, and the
 caller connects anew. A connection left ``KEEP`` seconds is closed by a sweeper thread that
-exists only while connections wait.
+exists only while connections wait. A kept connection has a launcher started on it
+(``remote.prepare_launch``): the next kernel there does not wait for the host's login shell.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from gpu_kernel import remote
 from gpu_kernel.cancel import NEVER, CancelToken
 from gpu_kernel.ssh import HostConnection, HostTarget, connect
 
@@ -101,6 +103,8 @@ class IdleConnections:
             self._wake.notify()
         for kept in surplus:
             kept.conn.close()
+        if all(k.conn is not conn for k in surplus):
+            remote.prepare_launch(conn, target)
 
     def close(self) -> None:
         """Close every kept connection (the server is stopping)."""

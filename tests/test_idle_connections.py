@@ -4,6 +4,7 @@ serve it (its host gone quiet, tunnels still open, kept too long)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -12,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from broker.client import BrokerClient
+from gpu_kernel import remote
 from gpu_kernel.ssh import connect
 from provisioner.idle_connections import IDLE, IdleConnections, borrowed
 from tests.conftest import target_for
 from tests.pool import Pool, shut_down
 from tests.sshd import ClientKeys, TestHost, start_hosts
+from tests.test_launcher import client_for, make_request, run_code, wait_for
 from tests.test_ssh import sshd_children
 
 
@@ -42,6 +45,27 @@ def with_descendants(pid: int) -> list[int]:
         found.append(current)
         todo += [child for child, parent in parents.items() if parent == current]
     return found
+
+
+def launchers_on(host: TestHost) -> list[int]:
+    """``python -m gpu_kernel launch`` processes in ``host``'s SSH sessions."""
+    found = []
+    for session in sshd_children(host):
+        for pid in with_descendants(session):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[1:4] == [b"-m", b"gpu_kernel", b"launch"]:
+                found.append(pid)
+    return found
+
+
+def gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def run_in(kc, code: str) -> str:
@@ -106,11 +130,13 @@ def test_a_kept_connection_whose_host_stopped_answering_is_closed_not_used(
     conn = connect(target)
     assert conn.run(["true"]).returncode == 0  # its sshd processes are all there now
     idle.give(target, conn)
+    wait_for(lambda: len(launchers_on(lone_host)) == 1)  # the launcher started ahead waits
     (session,) = sshd_children(lone_host)
     stopped: list[int] = []
     while new := [pid for pid in with_descendants(session) if pid not in stopped]:
         for pid in new:  # as a cut link: no reset, no answer
-            os.kill(pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # a shell's child that just ended
+                os.kill(pid, signal.SIGSTOP)
         stopped += new
     try:
         started = time.monotonic()
@@ -119,7 +145,8 @@ def test_a_kept_connection_whose_host_stopped_answering_is_closed_not_used(
         assert not conn.is_alive() and len(idle) == 0
     finally:
         for pid in stopped:
-            os.kill(pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
     fresh = connect(target)  # the caller connects anew, and that works
     assert fresh.run(["true"]).returncode == 0
     fresh.close()
@@ -159,3 +186,38 @@ def test_a_borrowed_connection_comes_back_unless_its_errand_failed(
         raise RuntimeError("the copy broke mid-stream")
     assert not conn.is_alive() and len(idle) == 0  # not trusted again
     idle.close()
+
+
+def test_a_kept_connection_has_a_launcher_waiting_that_starts_the_next_kernel(
+    lone_host: TestHost, client_keys: ClientKeys, tmp_path: Path
+) -> None:
+    """The host's login shell and the launcher's start-up are paid while the connection waits,
+    not by the next start; a launcher nobody asked for goes with its connection."""
+    target = target_for(lone_host, client_keys)
+    idle = IdleConnections(keep=60)
+    conn = connect(target)
+    idle.give(target, conn)
+    wait_for(lambda: len(launchers_on(lone_host)) == 1)
+    (waiting,) = launchers_on(lone_host)
+    assert idle.take(target) is conn
+
+    request = make_request(tmp_path / "rt", host_name=target.name, slot_id=f"{target.name}/0")
+    reply, watch = remote.launch_watched(conn, target, request)
+    try:
+        assert reply.ok
+        assert launchers_on(lone_host) == [waiting]  # it started the kernel, and watches it
+        kc = client_for(reply, {name: conn.forward(port) for name, port in reply.ports.items()})
+        content, out = run_code(kc, "import os; print(os.environ['SHARED_GPU_TEST'], 6 * 7)")
+        assert content["status"] == "ok" and out.split() == ["yes", "42"]  # the request's env
+        kc.stop_channels()
+    finally:
+        remote.cleanup(conn, target, request.kernel_id, runtime_root=request.runtime_root)
+        watch.close()
+    for local in conn.forwarding():
+        conn.unforward(local)
+
+    idle.give(target, conn)  # kept again: the next launcher waits
+    wait_for(lambda: [pid for pid in launchers_on(lone_host) if pid != waiting] != [])
+    (unused,) = [pid for pid in launchers_on(lone_host) if pid != waiting]
+    idle.close()  # the connection closes: the launcher nobody asked for ends with it
+    wait_for(lambda: gone(unused) and gone(waiting))

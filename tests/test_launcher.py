@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from jupyter_client.blocking.client import BlockingKernelClient
 
+from gpu_kernel import launcher as launcher_module
 from gpu_kernel import remote
 from gpu_kernel.errors import BadRequest, KernelControlError, LaunchError, ProtocolMismatch
 from gpu_kernel.protocol import PROTOCOL_VERSION, KernelStatus, LaunchReply, LaunchRequest
@@ -262,6 +263,25 @@ def test_bad_request_is_refused_with_the_field_named(line: str, words: str, tmp_
     assert words in reply["error"]
     assert KEY not in json.dumps(reply)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_launcher_whose_request_never_comes_exits_quietly_and_starts_nothing(
+    tmp_path: Path,
+) -> None:
+    """A launcher started ahead (``remote.prepare_launch``) whose connection closed, or that
+    waited its time out, leaves nothing behind and says nothing."""
+    p = subprocess.run(
+        [sys.executable, "-m", "gpu_kernel", "launch"],
+        stdin=subprocess.DEVNULL,  # closed before any request: EOF
+        capture_output=True,
+        env=dict(os.environ, SHARED_GPU_RUNTIME_ROOT=str(tmp_path)),
+    )
+    assert (p.returncode, p.stdout, p.stderr) == (0, b"", b"")
+    assert not any(tmp_path.iterdir())
+    read_end, write_end = os.pipe()  # open, and silent
+    with os.fdopen(read_end, "rb") as silent:
+        assert launcher_module.request_line(silent, 0.2) == b""
+    os.close(write_end)
 
 
 def test_kernel_that_dies_at_start_gives_start_failed_with_its_log(launch: Launch) -> None:

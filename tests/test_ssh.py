@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import shlex
 import socket
 import statistics
 import subprocess
@@ -139,6 +140,52 @@ def test_forward_to_a_closed_remote_port_drops_only_that_connection(
             s.settimeout(5)
             assert s.recv(10) == b""  # closed once the host refused the channel
         assert conn.run(["true"]).returncode == 0  # the connection itself is fine
+
+
+def test_the_next_stream_is_the_command_started_ahead_while_fresh_and_running(
+    target: HostTarget, tmp_path: Path, nothing_left_behind: None
+) -> None:
+    """``start_ahead``: the host's shell and the command start before anyone waits for them."""
+    pids = tmp_path / "pids"
+    argv = ["sh", "-c", f'echo $$ >> {pids}; read line; echo "$line $$"']
+
+    def started() -> list[str]:
+        deadline = time.monotonic() + 10
+        while not pids.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        lines = pids.read_text().split()
+        pids.unlink()
+        return lines
+
+    def ask(conn: SSHConnection, word: str) -> list[str]:
+        with conn.open_stream(argv, timeout=10) as stream:
+            stream.stdin.write(word.encode() + b"\n")
+            stream.stdin.flush()
+            return stream.stdout.readline().decode().split()
+
+    with connect(target) as conn:
+        assert isinstance(conn, SSHConnection)
+        conn.start_ahead(argv, fresh_for=60)
+        (ahead,) = started()  # it ran before anyone asked for it
+        assert ask(conn, "first") == ["first", ahead]  # and it is the one handed out
+        assert not pids.exists()  # no other command was started
+
+        conn.start_ahead(argv, fresh_for=0)  # too old to trust by the time it is asked for
+        (stale,) = started()
+        answer = ask(conn, "second")
+        (fresh,) = started()
+        assert answer == ["second", fresh] and fresh != stale
+
+        conn.start_ahead(argv, fresh_for=60)
+        (ended,) = started()
+        os.kill(int(ended), 9)  # gone before it is asked for
+        held = conn._ahead[shlex.join(argv)].stream  # until sshd has said that it ended
+        deadline = time.monotonic() + 5
+        while not held.ended() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        answer = ask(conn, "third")
+        (fresh,) = started()
+        assert answer == ["third", fresh] and fresh != ended
 
 
 def test_half_close_passes_eof_both_ways(target: HostTarget, nothing_left_behind: None) -> None:

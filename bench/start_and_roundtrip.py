@@ -78,13 +78,15 @@ def p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-def measure(label: str, make_km, starts: int, n: int) -> dict[str, float]:
+def measure(label: str, make_km, starts: int, n: int, pause: float) -> dict[str, float]:
     start_times, ready_times, first_cells = [], [], []
     for _ in range(starts):  # each start waits for the last one's clean-up (a one-slot pool)
+        time.sleep(pause)
         seconds, km, kc = time_start(make_km)
         start_times.append(seconds)
         kc.stop_channels()
         shut_down(km)
+        time.sleep(pause)
         ready, first, km, kc = time_first_cell(make_km)
         ready_times.append(ready)
         first_cells.append(first)
@@ -110,6 +112,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--round-trips", type=int, default=500)
+    parser.add_argument(
+        "--pause",
+        type=float,
+        default=0.0,
+        help="seconds between a kernel's shutdown and the next start, both sides (a user "
+        "opening the next notebook); 0: back to back, as a restart",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,20 +137,23 @@ def main() -> None:
                 lambda: KernelManager(kernel_name="python3"),
                 args.starts,
                 args.round_trips,
+                args.pause,
             )
             eager = measure(
                 "Shared GPU (eager)",
                 lambda: pool.kernel_manager("shared-gpu-eager"),
                 args.starts,
                 args.round_trips,
+                args.pause,
             )
             cold = measure(
                 "Shared GPU (eager, no warm interpreter)",
                 lambda: pool.kernel_manager("shared-gpu-cold"),
                 args.starts,
                 0,
+                args.pause,
             )
-            lazy = measure("Shared GPU (lazy)", pool.kernel_manager, args.starts, 0)
+            lazy = measure("Shared GPU (lazy)", pool.kernel_manager, args.starts, 0, args.pause)
         finally:
             pool.stop()
             for host in hosts:
@@ -161,7 +173,8 @@ def main() -> None:
         wanted = f"{goal:6.1f}x" if goal else "      -"
         print(f"{label:46} {local[key]:9.3f} {shared[key]:11.3f} {ratio:6.2f}x {wanted}")
     print(
-        f"\n({args.starts} starts, {args.round_trips} round trips each; Shared GPU = broker lease "
+        f"\n({args.starts} starts, {args.pause:g} s apart, {args.round_trips} round trips each; "
+        "Shared GPU = broker lease "
         "+ paramiko SSH to a loopback sshd + one tunnel + session proxy)"
     )
 

@@ -1,6 +1,6 @@
 """Command line of the GPU-host side; ``remote.py`` runs these over SSH.
 
-python -m gpu_kernel launch                       # LaunchRequest line on stdin (waits 120 s)
+python -m gpu_kernel launch                       # LaunchRequest line on stdin (waits 600 s)
 python -m gpu_kernel ctl KERNEL_ID status|kill|cleanup|signal N --host NAME [--runtime-root DIR]
 python -m gpu_kernel ctl KERNEL_ID export-checkpoint|import-checkpoint --host NAME   # tar stream
 python -m gpu_kernel ctl KERNEL_ID watch --host NAME   # a status line a second until it ends

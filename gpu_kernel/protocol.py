@@ -18,9 +18,10 @@ from gpu_kernel.errors import BadRequest
 
 PROTOCOL_VERSION = 2  # 2: runtime dirs are <root>/<host_name>/<kernel_id>; requests name the owner
 # A launcher started ahead of its request (``remote.prepare_launch``) waits this long for it,
-# then exits; the caller hands it out only while younger than LAUNCH_AHEAD_FRESH.
-LAUNCH_AHEAD_WAIT = 120.0
-LAUNCH_AHEAD_FRESH = 90.0
+# then exits (it holds ~10 MB meanwhile); the caller hands it out only while younger than
+# LAUNCH_AHEAD_FRESH. Ten minutes covers a class's think time between two cells.
+LAUNCH_AHEAD_WAIT = 600.0
+LAUNCH_AHEAD_FRESH = 540.0
 SUSPENDED_EXIT_CODE = 75  # a kernel that saved its state and ended (suspend, orphan watchdog)
 # Set by the provisioner on a kernel launched to resume saved state: until that state is
 # restored its namespace is empty, and the saved state is the user's (on the same host, in the

@@ -515,8 +515,8 @@ class SSHConnection(HostConnection):
         stream: CommandStream | None = None
         try:
             stream = self._new_stream(argv, AHEAD_OPEN_TIMEOUT)
-        except HostUnreachable as e:  # the next open_stream opens one itself (and says why)
-            log.debug("starting `%s` ahead on %s failed: %s", key, self.target.name, e)
+        except Exception as e:  # the next open_stream opens one itself, and says what fails
+            log.info("starting `%s` ahead on %s failed: %s", key, self.target.name, e)
         with self._lock:
             self._opening.discard(key)
             old = self._ahead.pop(key, None)

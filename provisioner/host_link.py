@@ -2,11 +2,11 @@
 
 ``KernelSession`` (``provisioner.session``) owns one link and calls it from its worker thread:
 ``open(target)`` (the connection it has, when the host did not change; else one that an ended
-session left in ``idle_connections``), ``launch(request)`` (the
-launcher's channel stays open as the kernel's *watch*: a status line a second, and one with the
-exit code the moment the kernel ends; the launcher was started ahead on a connection that
-waited, ``remote.prepare_launch``), ``ctl``/``run`` for host commands, ``drop_kernel()`` when
-the kernel has ended or moved, ``close()``.
+session left in ``idle_connections``), ``launch(request)`` (the launcher's channel stays open
+as the kernel's *watch*: a status line a second, and one with the exit code the moment the
+kernel ends; that launcher was started ahead, ``remote.prepare_launch``, when the connection's
+last kernel launched or ended), ``ctl``/``run`` for host commands, ``drop_kernel()`` when the
+kernel has ended or moved, ``close()``.
 
 The link's own thread reads the watch. When the lines stop for ``link_timeout`` seconds or the
 channel dies, the link is lost: it tells the session (``link_lost``), closes the dead connection
@@ -152,6 +152,7 @@ class HostLink:
         assert conn is not None and target is not None
         reply, stream = remote.launch_watched(conn, target, request)
         kernel = self._take(conn, reply, stream)
+        remote.prepare_launch(conn, target)  # for a restart, or the next kernel on this host
         cancel.check()  # the caller's clean-up ends the kernel
         return kernel
 

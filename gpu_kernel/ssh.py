@@ -315,6 +315,10 @@ class _Ahead:
     stream: CommandStream
     fresh_until: float  # time.monotonic() after which it is not handed out
 
+    def usable(self) -> bool:
+        """Still fresh, and still running: it will read the stdin it is given."""
+        return time.monotonic() < self.fresh_until and not self.stream.ended()
+
 
 class SSHConnection(HostConnection):
     """One paramiko Transport to a host; all forwards share it and one pump thread."""
@@ -488,7 +492,7 @@ class SSHConnection(HostConnection):
         with self._lock:
             ahead = self._ahead.pop(shlex.join(argv), None)
         if ahead is not None:
-            if time.monotonic() < ahead.fresh_until and not ahead.stream.ended():
+            if ahead.usable():
                 ahead.stream.set_read_timeout(timeout)
                 return ahead.stream
             ahead.stream.close()
@@ -500,7 +504,7 @@ class SSHConnection(HostConnection):
             if self._closed or key in self._opening:
                 return
             held = self._ahead.get(key)
-            if held is not None and time.monotonic() < held.fresh_until and not held.stream.ended():
+            if held is not None and held.usable():
                 return
             self._opening.add(key)
         threading.Thread(

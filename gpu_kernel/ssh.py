@@ -141,6 +141,13 @@ class CommandStream:
         self.close()
 
 
+def _quietly(end: Callable[[], None]) -> None:
+    """Close or shut a channel whose connection may be gone already: paramiko then raises
+    EOFError or OSError while telling the peer, and there is no peer left to tell."""
+    with contextlib.suppress(paramiko.SSHException, OSError, EOFError):
+        end()
+
+
 class HostConnection:
     """A way to run commands on a host and reach its loopback ports."""
 
@@ -484,7 +491,7 @@ class SSHConnection(HostConnection):
         except (paramiko.SSHException, OSError, EOFError) as e:
             raise self._lost(e) from e
         finally:
-            chan.close()
+            _quietly(chan.close)
 
     def open_stream(self, argv: list[str], timeout: float = 60) -> CommandStream:
         """Run ``argv`` on a channel whose stdin/stdout are file objects: the one
@@ -556,9 +563,9 @@ class SSHConnection(HostConnection):
         return CommandStream(
             chan.makefile_stdin("wb"),
             chan.makefile("rb"),
-            chan.shutdown_write,
+            lambda: _quietly(chan.shutdown_write),
             wait,
-            chan.close,
+            lambda: _quietly(chan.close),
             read_stderr,
             chan.settimeout,
             lambda: chan.closed or chan.eof_received or chan.exit_status_ready(),
@@ -623,7 +630,7 @@ class SSHConnection(HostConnection):
         if pump is not None:
             pump.stop()
         if self._pty is not None:
-            self._pty.close()
+            _quietly(self._pty.close)
         self._transport.close()  # also ends a channel open the pump may be waiting on
         if pump is not None:
             pump.join()

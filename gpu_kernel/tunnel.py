@@ -67,13 +67,18 @@ class _Pipe:
                 del self.to_chan[: self.chan.send(self.to_chan[:CHUNK])]
         except (BlockingIOError, InterruptedError):
             pass
-        except OSError as e:  # reset by either side, or the transport went away
-            log.debug("forwarded connection ended: %s", e)
+        except (OSError, EOFError) as e:  # reset by either side, or the transport went away
+            log.debug("forwarded connection ended: %r", e)  # (a send on a dead one: EOFError)
             self.close()
             return
         if self.sock_eof and not self.to_chan and not self.chan_shut:
             self.chan_shut = True
-            self.chan.shutdown_write()
+            try:
+                self.chan.shutdown_write()
+            except (OSError, EOFError) as e:
+                log.debug("forwarded connection ended: %r", e)
+                self.close()
+                return
         if self.chan_eof and not self.to_sock and not self.sock_shut:
             self.sock_shut = True
             with contextlib.suppress(OSError):

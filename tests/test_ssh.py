@@ -188,6 +188,22 @@ def test_the_next_stream_is_the_command_started_ahead_while_fresh_and_running(
         assert answer == ["third", fresh] and fresh != ended
 
 
+def test_streams_of_a_dropped_connection_close_quietly(
+    target: HostTarget, nothing_left_behind: None
+) -> None:
+    """A launcher started ahead on a connection that dropped is closed by a background thread:
+    closing its channel has no peer left to tell, and that must not raise there."""
+    argv = ["sh", "-c", "read line"]
+    with connect(target) as conn:
+        assert isinstance(conn, SSHConnection)
+        stream = conn.open_stream(argv, timeout=10)
+        # The link breaks under the channel; paramiko's transport has not noticed yet, so a
+        # close still tries to tell the host and its send fails.
+        conn._transport.sock.shutdown(socket.SHUT_WR)
+        stream.close_stdin()
+        stream.close()  # raised EOFError from paramiko before
+
+
 def test_half_close_passes_eof_both_ways(target: HostTarget, nothing_left_behind: None) -> None:
     server = socket.create_server(("127.0.0.1", 0))
     got: list[bytes] = []

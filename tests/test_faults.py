@@ -153,7 +153,9 @@ def test_shutdown_and_interrupt_are_answered_at_once_in_the_queue_and_while_resu
     answered = time.monotonic() - started
     assert reply["parent_header"]["msg_id"] == msg_id
     assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
-    assert answered < 1.0, f"interrupt answered after {answered:.2f}s"
+    # "at once": not after the lease it waited for, which the holders never give back (a loose
+    # bound, so that a busy machine does not fail it; bench/ has the timings)
+    assert answered < 5.0, f"interrupt answered after {answered:.2f}s"
     report("interrupt while queued", "request withdrawn, cell ends KeyboardInterrupt", answered)
     assert fault_pool.queued() == 0, "the request was not withdrawn"
 
@@ -166,7 +168,7 @@ def test_shutdown_and_interrupt_are_answered_at_once_in_the_queue_and_while_resu
     started = time.monotonic()
     km.shutdown_kernel()
     took = time.monotonic() - started
-    assert took < 1.5, f"shutdown during a resume took {took:.2f}s"
+    assert took < 4.0, f"shutdown during a resume took {took:.2f}s (the restore takes 8 s)"
     report("shutdown while restoring", "answered at once; kernel ended, slot freed", took)
     wait_until(
         lambda: (

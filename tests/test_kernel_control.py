@@ -263,21 +263,25 @@ def test_tampered_or_foreign_checkpoint_is_refused(launch: Launch, conn: HostCon
 
 
 def test_orphan_watchdog_waits_for_the_cell_then_suspends(
-    launch: Launch, conn: HostConnection
+    launch: Launch, conn: HostConnection, tmp_path: Path
 ) -> None:
     req, reply = launch(grace="1.5")
     kc = client_for(reply)
+    go = tmp_path / "go"  # the cell runs until the test has looked (not a sleep it may outlast)
     try:
         for _ in range(6):  # the proxy's keepalive holds it off
             assert control(kc, "shared_gpu_info", {})["status"] == "ok"
             time.sleep(0.5)
         assert remote.status(conn, LOCAL, req.kernel_id, req.runtime_root).alive
         run_code(kc, "y = 7")
-        msg_id = kc.execute("import time; time.sleep(3); z = 8")
+        msg_id = kc.execute(
+            f"import os, time\nwhile not os.path.exists({str(go)!r}): time.sleep(0.05)\nz = 8"
+        )
         time.sleep(2.5)  # past the grace, but a cell runs: no suspend
         assert remote.status(conn, LOCAL, req.kernel_id, req.runtime_root).alive
         busy = control(kc, "suspend_request", {"reason": "idle"})  # raced with a new cell
         assert busy["status"] == "error" and busy["ename"] == "KernelBusy"
+        go.touch()
         reply_msg = kc.get_shell_msg(timeout=10)
         assert reply_msg["parent_header"]["msg_id"] == msg_id
         assert reply_msg["content"]["status"] == "ok"

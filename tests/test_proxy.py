@@ -264,7 +264,7 @@ def test_reattach_to_restarted_kernel_keeps_frontend_ports(
 def test_activity_busy_then_idle(proxy: SessionProxy, client: BlockingKernelClient) -> None:
     before = proxy.activity()
     assert isinstance(before, Activity) and before.attached
-    msg_id = client.execute("import time; time.sleep(0.6)")
+    msg_id = client.execute("import time; time.sleep(2)")  # outlasts a stalled poll
     deadline = time.monotonic() + 5
     while not proxy.activity().busy and time.monotonic() < deadline:
         time.sleep(0.01)

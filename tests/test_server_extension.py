@@ -89,7 +89,7 @@ def test_endpoints_show_shared_gpu_kernels_and_suspend_them(pool: Pool, tmp_path
         assert len(server.api("GET", "/shared-gpu/kernels")[1]["kernels"]) == 1
 
         try:
-            client.execute("import time; time.sleep(3)")
+            client.execute("import time; time.sleep(6)")  # still running when the POST comes
             wait_until_busy(server, kernel["id"])
             status, state = server.api("POST", f"/shared-gpu/kernels/{kernel['id']}/suspend")
             assert status == 202 and state["state"] == "running", state

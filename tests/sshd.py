@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
+import random
 import shutil
 import signal
 import socket
@@ -27,7 +28,39 @@ SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 SSH_KEYGEN = shutil.which("ssh-keygen") or "/usr/bin/ssh-keygen"
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_EPHEMERAL_LOW = _ephemeral_low()
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
+    """A loopback port free now, for a server a test starts later (sshd, a hub, a broker).
+
+    Taken below the kernel's ephemeral range where there is room: a port from that range is
+    free only until the next socket that binds port 0 (every ZMQ kernel on the other test
+    worker does), and a hub once lost its port that way ("Address already in use"). Ports
+    below it are only ever handed out here, each once per process, and checked by a bind.
+    """
+    low = _EPHEMERAL_LOW
+    if low >= 20000:
+        rng = random.Random()
+        for _ in range(200):
+            port = rng.randrange(low - 10000, low)
+            if port in _handed_out:
+                continue
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -186,7 +219,6 @@ class TestHost:
             self.proc.terminate()
             self.proc.wait(5)
         self.proc = None
-
 
 
 def end_warm_interpreters(under: Path) -> None:

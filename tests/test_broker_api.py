@@ -7,7 +7,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from broker.config.loader import load_config
 from broker.daemon import BrokerServer
 from broker.http.auth import create_token
 from broker.store.sqlite import Store
+from tests.sshd import free_port
 
 CONFIG = """
 [server]
@@ -57,12 +57,6 @@ kind = "mig"
 device = "0"
 simulated = true
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(tmp: Path, port: int = 0, interval: str = "10s", timeout: str = "60s") -> Path:

@@ -44,14 +44,14 @@ def free_port() -> int:
 
     Taken below the kernel's ephemeral range where there is room: a port from that range is
     free only until the next socket that binds port 0 (every ZMQ kernel on the other test
-    worker does), and a hub once lost its port that way ("Address already in use"). Ports
-    below it are only ever handed out here, each once per process, and checked by a bind.
+    worker does), and a hub once lost its port that way ("Address already in use"). Below
+    it, only a bind that names its port can take one: each is handed out once per process,
+    and checked by a bind.
     """
     low = _EPHEMERAL_LOW
     if low >= 20000:
-        rng = random.Random()
         for _ in range(200):
-            port = rng.randrange(low - 10000, low)
+            port = random.randrange(low - 10000, low)
             if port in _handed_out:
                 continue
             with socket.socket() as s:

@@ -67,17 +67,15 @@ class _Pipe:
                 del self.to_chan[: self.chan.send(self.to_chan[:CHUNK])]
         except (BlockingIOError, InterruptedError):
             pass
-        except (OSError, EOFError) as e:  # reset by either side, or the transport went away
-            log.debug("forwarded connection ended: %r", e)  # (a send on a dead one: EOFError)
-            self.close()
+        except (OSError, EOFError) as e:
+            self._broken(e)
             return
         if self.sock_eof and not self.to_chan and not self.chan_shut:
             self.chan_shut = True
             try:
                 self.chan.shutdown_write()
             except (OSError, EOFError) as e:
-                log.debug("forwarded connection ended: %r", e)
-                self.close()
+                self._broken(e)
                 return
         if self.chan_eof and not self.to_sock and not self.sock_shut:
             self.sock_shut = True
@@ -87,6 +85,12 @@ class _Pipe:
         remote_gone = self.chan_eof and self.chan.closed and not self.to_sock
         if (self.sock_shut and self.chan_shut) or remote_gone:
             self.close()
+
+    def _broken(self, e: OSError | EOFError) -> None:
+        """Reset by either side, or the transport went away (paramiko raises EOFError for a
+        send on a transport that just died): this connection ends, the others go on."""
+        log.debug("forwarded connection ended: %r", e)
+        self.close()
 
     def close(self) -> None:
         self.done = True

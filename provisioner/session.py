@@ -234,7 +234,7 @@ class KernelSession:
                 self.proxy.status_line,
                 resume_from=self.kernel_id if resuming else None,
             )
-            self._start_on(lease, saved, token, say, started)
+            copied = self._start_on(lease, saved, token, say, started)
         except Cancelled as err:
             interrupted = err.message.startswith("interrupted")
             self._wake_failed(token, err.message, "KeyboardInterrupt" if interrupted else failed)
@@ -247,7 +247,9 @@ class KernelSession:
             log.exception("kernel %s: wake failed", self.kernel_id)
             self._wake_failed(token, f"internal error while bringing the kernel: {exc}", failed)
             return
-        self._started()
+        self._started()  # from here an interrupt, a suspend order, a lease that ends reach it
+        if saved is not None:  # the kernel holds the state now; the old checkpoint can go
+            self._drop_checkpoint(saved, delete=copied)
 
     def _started(self) -> None:
         """The kernel runs and the proxy is attached, unless a shutdown came meanwhile (then
@@ -273,8 +275,10 @@ class KernelSession:
         token: CancelToken,
         say: Callable[[str], None],
         started: float | None = None,
-    ) -> None:
-        """Launch on ``lease`` (restoring ``saved``), attach the proxy: the cells go."""
+    ) -> bool:
+        """Launch on ``lease`` (restoring ``saved``), attach the proxy: the cells go. True when
+        ``saved`` was copied here from another host (its old copy is then the caller's to
+        delete, once the kernel counts as running)."""
         assert lease.host is not None and lease.slot is not None and self._launch_args
         target = target_for(lease.host, self.settings)
         say(f"Leased GPU slot {lease.slot.id} ({lease.slot.kind}) on {lease.host.name}")
@@ -317,17 +321,13 @@ class KernelSession:
         self.proxy.attach(kernel.upstream)  # the waiting cells run now
         self.exit_code = None
         if saved is not None:
-            self.saved = None
-            if copied:
-                saved_state.delete(
-                    saved, self.kernel_id, self.settings, self._shared_dir(), deadline(CLEANUP_STEP)
-                )
-            self._with_broker(saved_state.forget, self.kernel_id)
-        if saved is None:
-            self._say(
-                f"running on {lease.host.name} ({kernel.reply.hostname}), slot "
-                f"{lease.slot.id}, CUDA_VISIBLE_DEVICES={lease.slot.device}"
-            )
+            self.saved = None  # a shutdown from now on must not delete what the kernel runs in
+            return copied
+        self._say(
+            f"running on {lease.host.name} ({kernel.reply.hostname}), slot "
+            f"{lease.slot.id}, CUDA_VISIBLE_DEVICES={lease.slot.device}"
+        )
+        return False
 
     def _undo_start(self, token: CancelToken) -> None:
         """A start or resume failed: end the kernel it launched, give back the lease."""
@@ -695,10 +695,16 @@ class KernelSession:
     def _discard_saved(self) -> None:
         saved, self.saved = self.saved, None
         if saved is not None:
+            self._drop_checkpoint(saved, delete=True)
+
+    def _drop_checkpoint(self, saved: SavedState, delete: bool) -> None:
+        """``saved`` is needed no more: delete it on its host (not when a kernel on that host
+        was resumed from it: it is that kernel's runtime dir now) and tell the broker."""
+        if delete:
             saved_state.delete(
                 saved, self.kernel_id, self.settings, self._shared_dir(), deadline(CLEANUP_STEP)
             )
-            self._with_broker(saved_state.forget, self.kernel_id)
+        self._with_broker(saved_state.forget, self.kernel_id)
 
     # ---- shutdown --------------------------------------------------------------------------------
 

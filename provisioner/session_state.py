@@ -41,7 +41,8 @@ and from every phase ``--close--> CLOSED``.
   restart): the proxy stands in; the first cell wakes it.
 - STARTING / RESUMING: the session is asking for a slot (maybe waiting in the queue), launching,
   and for RESUMING copying and restoring the saved state; the waiting cell shows each step.
-- RUNNING: a kernel process runs on the leased slot and the proxy forwards to it.
+- RUNNING: a kernel process runs on the leased slot and the proxy forwards to it (from the
+  moment the proxy attaches: a resume's clean-up of the old checkpoint comes after).
 - RECONNECTING: the SSH link dropped; the kernel runs on; cells wait while the link comes back.
 - SUSPENDING: the kernel is saving its state to give the slot back.
 - SUSPENDED: no process; the state is saved on a host; the next cell resumes it anywhere.

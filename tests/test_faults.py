@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from broker.client import BrokerClient
+from provisioner import saved_state
 from provisioner.session_state import Phase
 from tests.faults import SlotChecker, report, run, slow_load, slow_save, wait_until
 from tests.pool import Pool
@@ -337,6 +338,51 @@ def test_a_suspend_on_a_full_disk_says_so_and_the_kernel_keeps_running(
         for host in hosts:
             host.stop()
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_the_first_cell_after_a_resume_is_running_while_the_old_checkpoint_is_cleaned_up(
+    fault_pool: Pool, checker: SlotChecker, monkeypatch: pytest.MonkeyPatch
+):
+    """A resume attaches the kernel (the waiting cell runs), then tells the broker that the old
+    checkpoint is gone. While that answer is slow the kernel runs already: Stop reaches the
+    cell, and a suspend order is taken (both were dropped in that window: an interrupt went to
+    the finished slot request, a suspend found the kernel "not running")."""
+    km, kc = fault_pool.start_kernel()
+    run(kc, "kept = 5")
+    session = km.provisioner.session
+    assert session.request_suspend("test")
+    wait_until(lambda: phase_of(km) is Phase.SUSPENDED, 30, "the suspend")
+
+    answer = threading.Event()
+    real_forget = saved_state.forget
+
+    def slow_forget(client: BrokerClient, kernel_id: str) -> None:  # the broker answers late
+        answer.wait(60)
+        real_forget(client, kernel_id)
+
+    monkeypatch.setattr(saved_state, "forget", slow_forget)
+    try:
+        msg_id = kc.execute("import time\nprint('started', flush=True)\ntime.sleep(60)")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            msg = kc.get_iopub_msg(timeout=60)
+            if msg["msg_type"] == "stream" and "started" in msg["content"]["text"]:
+                break
+        km.interrupt_kernel()
+        reply = kc.get_shell_msg(timeout=15)
+        assert reply["parent_header"]["msg_id"] == msg_id
+        assert reply["content"]["ename"] == "KeyboardInterrupt", reply["content"]
+        assert session.request_suspend("test"), "a suspend order was refused"
+    finally:
+        answer.set()
+    wait_until(lambda: phase_of(km) is Phase.SUSPENDED, 30, "the suspend after the resume")
+    content, out, _ = run(kc, "print(kept)", timeout=90)
+    assert content["status"] == "ok" and out.splitlines()[-1] == "5", out  # after resume lines
+    report(
+        "Stop and a suspend order while the broker is slow to forget the old checkpoint",
+        "the resumed cell is interrupted; the suspend is taken; the state comes back",
+        None,
+    )
 
 
 def listening_sockets() -> int:
